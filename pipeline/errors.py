@@ -1,0 +1,17 @@
+"""Errors that reach the user as one line and a non-zero exit, never a traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (a missing file, a wrong option, a mismatched cache).
+
+    The CLI prints ``error: <message>`` on one line and exits with code 2.
+    Raise it before anything is written, so that nothing already on disk is lost.
+    """
+
+
+class SampleError(Exception):
+    """One sample of a dataset cannot be used; ``reason`` is recorded in the rejects table."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
