@@ -1,0 +1,310 @@
+"""Reading a teacher-embedding cache by memory mapping: nothing is loaded whole.
+
+Every Arrow file is opened with ``pa.memory_map``; embeddings are handed out as numpy views
+of the mapped pages (storage dtype) or gathered into float32 torch tensors for the rows
+asked for, so the resident memory of a reader does not grow with the size of the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from rdkd.cache import format as fmt
+from rdkd.errors import UserError
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """Where one image's rows are: its K view rows and its caption rows (in caption order)."""
+
+    key: str
+    image_rows: range
+    text_rows: range
+
+
+@dataclass(frozen=True)
+class CacheShard:
+    """One memory-mapped shard file: its table and a zero-copy view of its embeddings."""
+
+    shard: int
+    first_row: int  # global row of the shard's first row
+    table: pa.Table
+    embeddings: np.ndarray  # [rows, dim] in the storage dtype (bfloat16 as uint16 bits), read-only
+
+
+class _ShardedColumn:
+    """The rows of one kind (images or texts) across all shards, addressed by global row."""
+
+    def __init__(self, root: Path, files: list[Path], shards: list[int], storage_dtype: str):
+        self.storage_dtype = storage_dtype
+        self.shards: list[CacheShard] = []
+        first_row = 0
+        for shard, path in zip(shards, files):
+            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            if table.column("embedding").num_chunks > 1:  # written by another tool: combine once
+                table = table.combine_chunks()
+            column = table.column("embedding")
+            if len(column) == 0:
+                emb = np.zeros((0, column.type.list_size), dtype=fmt.numpy_storage_dtype(storage_dtype))
+            else:
+                emb = fmt.embedding_view(column)
+            self.shards.append(CacheShard(shard, first_row, table, emb))
+            first_row += table.num_rows
+        self.num_rows = first_row
+        self._starts = np.array([s.first_row for s in self.shards], dtype=np.int64)
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard position, row within shard) of global rows."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"row out of range [0, {self.num_rows})")
+        position = np.searchsorted(self._starts, rows, side="right") - 1
+        return position, rows - self._starts[position]
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Stored values [n, dim] of global rows (a copy of just those rows)."""
+        position, local = self.locate(rows)
+        dim = self.shards[0].embeddings.shape[1] if self.shards else 0
+        out = np.empty((len(local), dim), dtype=fmt.numpy_storage_dtype(self.storage_dtype))
+        for p in np.unique(position):
+            mask = position == p
+            out[mask] = self.shards[p].embeddings[local[mask]]
+        return out
+
+    def take(self, name: str, rows: np.ndarray) -> pa.Array:
+        """Column ``name`` at global rows, in the order asked (one ``take`` per shard touched)."""
+        position, local = self.locate(rows)
+        if len(local) == 0:
+            return pa.array([], type=self.shards[0].table.schema.field(name).type) if self.shards else pa.array([])
+        order = np.argsort(position, kind="stable")
+        pieces = []
+        for p in np.unique(position):
+            pieces.append(self.shards[p].table.column(name).take(pa.array(local[position == p])))
+        grouped = pa.chunked_array(pieces).combine_chunks()
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return grouped.take(pa.array(inverse))
+
+    def fixed(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """A fixed-width column (scalar or fixed-size list) at global rows as numpy."""
+        array = self.take(name, rows)
+        if pa.types.is_fixed_size_list(array.type):
+            return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
+        return array.to_numpy(zero_copy_only=False)
+
+
+def _to_tensor(stored: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    return torch.from_numpy(fmt.from_storage(stored, storage_dtype))
+
+
+class TeacherCache:
+    """A complete teacher-embedding cache, opened read-only by memory mapping."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self.storage_dtype: str = manifest["storage_dtype"]
+        shards = [s["shard"] for s in manifest["shards"]]
+        self.images = _ShardedColumn(root, [root / s["images"]["file"] for s in manifest["shards"]], shards,
+                                     self.storage_dtype)
+        self.texts = _ShardedColumn(root, [root / s["texts"]["file"] for s in manifest["shards"]], shards,
+                                    self.storage_dtype)
+        index = pa.ipc.open_file(pa.memory_map(str(root / fmt.INDEX), "r")).read_all()
+        if any(index.column(name).num_chunks != 1 for name in index.column_names):
+            index = index.combine_chunks()
+        # zero-copy views of the mapped index columns; searchsorted runs on the mapped hashes
+        self._index = {name: index.column(name).chunk(0).to_numpy(zero_copy_only=True)
+                       for name in index.column_names} if index.num_rows else \
+            {field.name: np.zeros(0, dtype=field.type.to_pandas_dtype()) for field in fmt.INDEX_SCHEMA}
+        self._hashes = self._index["key_hash"]
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TeacherCache":
+        """Open the cache at ``path``; ``UserError`` when it is absent, incomplete or unreadable."""
+        root = Path(path)
+        manifest_path = root / fmt.MANIFEST
+        if not root.is_dir():
+            raise UserError(f"no teacher cache at {root} (no such folder)")
+        if not manifest_path.is_file():
+            raise UserError(f"{root} is not a complete teacher cache (no {fmt.MANIFEST}; "
+                            "was extraction interrupted? rerun rdkd extract-teacher to resume)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise UserError(f"cannot read {manifest_path}: {err}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
+            raise UserError(f"{manifest_path} is not an rdkd teacher-cache manifest")
+        if manifest.get("format_version") != fmt.FORMAT_VERSION:
+            raise UserError(f"{root} has cache format version {manifest.get('format_version')}; "
+                            f"this rdkd reads version {fmt.FORMAT_VERSION}")
+        try:
+            return cls(root, manifest)
+        except (OSError, KeyError, pa.ArrowException, ValueError) as err:
+            raise UserError(f"cannot read teacher cache {root}: {err}") from None
+
+    # -- what it holds ---------------------------------------------------------------------------
+
+    @property
+    def cache_id(self) -> str:
+        return self.manifest["cache_id"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def views(self) -> int:
+        return int(self.manifest["views"]["count"])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.manifest["teacher"]["logit_scale"])
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        return self.manifest["dataset"]["fingerprint"]
+
+    @property
+    def num_images(self) -> int:
+        """Distinct images (each has ``views`` image rows)."""
+        return int(self.manifest["counts"]["images"])
+
+    @property
+    def num_image_rows(self) -> int:
+        return self.images.num_rows
+
+    @property
+    def num_texts(self) -> int:
+        return self.texts.num_rows
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.images.shards)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    # -- lookup ----------------------------------------------------------------------------------
+
+    def find(self, key: str) -> CacheEntry | None:
+        """The rows of ``key``, or None when the key is not in the cache (e.g. rejected)."""
+        h = np.uint64(fmt.key_hash(key))
+        lo = int(np.searchsorted(self._hashes, h, side="left"))
+        hi = int(np.searchsorted(self._hashes, h, side="right"))
+        for i in range(lo, hi):  # more than one only on a 64-bit hash collision
+            image_row = int(self._index["image_row"][i])
+            if self.images.take("key", np.array([image_row]))[0].as_py() != key:
+                continue
+            image_count = int(self._index["image_count"][i])
+            text_row = int(self._index["text_row"][i])
+            text_count = int(self._index["text_count"][i])
+            return CacheEntry(key, range(image_row, image_row + image_count), range(text_row, text_row + text_count))
+        return None
+
+    def __contains__(self, key: str) -> bool:
+        return self.find(key) is not None
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    def image_embeddings(self, rows) -> torch.Tensor:
+        """float32 [n, dim] image embeddings of global image rows (L2-normalised before storage)."""
+        return _to_tensor(self.images.gather(rows), self.storage_dtype)
+
+    def text_embeddings(self, rows) -> torch.Tensor:
+        """float32 [n, dim] caption embeddings of global text rows."""
+        return _to_tensor(self.texts.gather(rows), self.storage_dtype)
+
+    def view_params(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(crop [n, 4] float32 left/top/right/bottom in original pixels, flip [n] bool) of image rows."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        crop = self.images.fixed("crop", rows).astype(np.float32).reshape(len(rows), 4)
+        flip = self.images.fixed("flip", rows).astype(bool).reshape(len(rows))
+        return crop, flip
+
+    def image_keys(self, rows) -> list[str]:
+        return self.images.take("key", rows).to_pylist()
+
+    def captions(self, rows) -> list[str]:
+        return self.texts.take("caption", rows).to_pylist()
+
+    # -- streaming in order ------------------------------------------------------------------------
+
+    def image_shards(self) -> Iterator[CacheShard]:
+        """The image shards in order: memory-mapped tables and zero-copy embedding views."""
+        return iter(self.images.shards)
+
+    def text_shards(self) -> Iterator[CacheShard]:
+        return iter(self.texts.shards)
+
+    def iter_images(self) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(keys, float32 embeddings) per image shard, in cache order (= dataset order)."""
+        for shard in self.images.shards:
+            yield shard.table.column("key").to_pylist(), _to_tensor(shard.embeddings, self.storage_dtype)
+
+    def iter_texts(self) -> Iterator[tuple[list[str], torch.Tensor]]:
+        for shard in self.texts.shards:
+            yield shard.table.column("key").to_pylist(), _to_tensor(shard.embeddings, self.storage_dtype)
+
+    def torch_view(self, shard: CacheShard) -> torch.Tensor:
+        """A zero-copy, read-only torch view of one shard's stored embeddings (storage dtype).
+
+        bfloat16 caches come back as ``torch.bfloat16``; do not write to the tensor.
+        """
+        with warnings.catch_warnings():  # the mapped pages are read-only; torch warns about that
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(shard.embeddings)
+        return tensor.view(torch.bfloat16) if self.storage_dtype == "bfloat16" else tensor
+
+    # -- rejects and checks ------------------------------------------------------------------------
+
+    @cached_property
+    def rejects(self) -> pa.Table:
+        """key, source, reason of every dataset sample that is not in the cache."""
+        return pq.read_table(self.root / fmt.REJECTS)
+
+    @property
+    def rejected_keys(self) -> list[str]:
+        return self.rejects.column("key").to_pylist()
+
+    def verify(self) -> list[str]:
+        """Check every file's checksum, the counts and the embedding dims; the problems found."""
+        problems: list[str] = []
+        files = [self.manifest["index"], self.manifest["rejects"]]
+        for s in self.manifest["shards"]:
+            files += [s["images"], s["texts"]]
+        for entry in files:
+            path = self.root / entry["file"]
+            if not path.is_file():
+                problems.append(f"{entry['file']}: missing")
+            elif fmt.sha256_file(path) != entry["sha256"]:
+                problems.append(f"{entry['file']}: sha256 mismatch")
+        for kind, column in (("images", self.images), ("texts", self.texts)):
+            for s, shard in zip(self.manifest["shards"], column.shards):
+                if shard.table.num_rows != s[kind]["rows"]:
+                    problems.append(f"{s[kind]['file']}: {shard.table.num_rows} rows, manifest says {s[kind]['rows']}")
+                if shard.embeddings.shape[1] != self.dim:
+                    problems.append(f"{s[kind]['file']}: dim {shard.embeddings.shape[1]}, manifest says {self.dim}")
+        counts = self.manifest["counts"]
+        if self.images.num_rows != counts["image_rows"]:
+            problems.append(f"images: {self.images.num_rows} rows, manifest says {counts['image_rows']}")
+        if self.texts.num_rows != counts["captions"]:
+            problems.append(f"texts: {self.texts.num_rows} rows, manifest says {counts['captions']}")
+        if len(self._hashes) != counts["images"]:
+            problems.append(f"{fmt.INDEX}: {len(self._hashes)} keys, manifest says {counts['images']}")
+        if self.images.num_rows != counts["images"] * self.views:
+            problems.append(f"images: {self.images.num_rows} rows != {counts['images']} images x {self.views} views")
+        if (self.root / fmt.REJECTS).is_file() and self.rejects.num_rows != counts["rejects"]:
+            problems.append(f"{fmt.REJECTS}: {self.rejects.num_rows} rows, manifest says {counts['rejects']}")
+        return problems
