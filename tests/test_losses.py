@@ -1,0 +1,435 @@
+"""Known-answer tests for rdkd.losses against a plain float64 re-derivation of the brief.
+
+The reference below is written from shared/paper/CLIP-RD.md with explicit loops and sums;
+it calls nothing from rdkd.losses. Values and gradients (w.r.t. the student tensors and
+the scales) must agree to 1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rdkd import losses
+from rdkd.errors import UserError
+
+torch.set_num_threads(1)
+TOL = dict(rtol=1e-6, atol=1e-6)
+N, D = 5, 7
+
+
+# ---------------------------------------------------------------------------------------
+# The independent reference
+
+
+def ref_log_softmax_row(row: list[torch.Tensor]) -> list[torch.Tensor]:
+    top = max(float(v.detach()) for v in row)
+    log_z = top + torch.log(sum(torch.exp(v - top) for v in row))
+    return [v - log_z for v in row]
+
+
+def ref_rows(m: torch.Tensor) -> list[list[torch.Tensor]]:
+    return [[m[i, j] for j in range(m.shape[1])] for i in range(m.shape[0])]
+
+
+def ref_ce(m: torch.Tensor) -> torch.Tensor:
+    """Row i's label is i; mean over rows."""
+    rows = ref_rows(m)
+    return sum(-ref_log_softmax_row(row)[i] for i, row in enumerate(rows)) / len(rows)
+
+
+def ref_kl(target: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """sum_j p_j (log p_j - log q_j), mean over rows, the target detached."""
+    total = 0.0
+    for t_row, i_row in zip(ref_rows(target.detach()), ref_rows(inp)):
+        log_p, log_q = ref_log_softmax_row(t_row), ref_log_softmax_row(i_row)
+        total = total + sum(torch.exp(lp) * (lp - lq) for lp, lq in zip(log_p, log_q))
+    return total / target.shape[0]
+
+
+def ref_soft_ce(target: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    total = 0.0
+    for t_row, i_row in zip(ref_rows(target.detach()), ref_rows(inp)):
+        log_p, log_q = ref_log_softmax_row(t_row), ref_log_softmax_row(i_row)
+        total = total - sum(torch.exp(lp) * lq for lp, lq in zip(log_p, log_q))
+    return total / target.shape[0]
+
+
+def ref_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b) ** 2).sum() / a.numel()
+
+
+def ref_task(si, st, s):
+    return 0.5 * (ref_ce(s * si @ st.T) + ref_ce(s * st @ si.T))
+
+
+def ref_crd(ti, tt, si, st, tau, s):
+    return 0.5 * (ref_kl(tau * ti @ tt.T, s * si @ st.T) + ref_kl(tau * tt @ ti.T, s * st @ si.T))
+
+
+def ref_fd(ti, tt, pi, pt):
+    return ref_mse(pi, ti) + ref_mse(pt, tt)
+
+
+def ref_icl(ti, tt, pi, pt, ax):
+    return 0.5 * (ref_ce(ax * pi @ tt.T) + ref_ce(ax * pt @ ti.T))
+
+
+def ref_vrd_kl(ti, tt, pi, pt, ai, at):
+    m_i, m_t = ai * ti @ pi.T, at * tt @ pt.T
+    return 0.5 * (ref_kl(m_t, m_i) + ref_kl(m_t.T, m_i.T))
+
+
+def ref_vrd_ce(ti, tt, pi, pt, ai, at):
+    m_i, m_t = ai * ti @ pi.T, at * tt @ pt.T
+    return 0.5 * (ref_ce(m_i) + ref_ce(m_i.T)) + 0.5 * (ref_ce(m_t) + ref_ce(m_t.T))
+
+
+def ref_vrd(ti, tt, pi, pt, ai, at):
+    return ref_vrd_kl(ti, tt, pi, pt, ai, at) + ref_vrd_ce(ti, tt, pi, pt, ai, at)
+
+
+def ref_xrd(ti, tt, pi, pt, ax):
+    a, b = ax * ti @ pt.T, ax * tt @ pi.T
+    return 0.25 * (ref_kl(b, a) + ref_kl(a, b) + ref_kl(b.T, a.T) + ref_kl(a.T, b.T))
+
+
+def ref_soft_target(ti, tt, si, st, tau, s):
+    return 0.5 * (
+        ref_soft_ce(tau * ti @ tt.T, s * si @ st.T) + ref_soft_ce(tau * tt @ ti.T, s * st @ si.T)
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures
+
+
+def unit(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+def leaf(x):
+    return x.clone().requires_grad_(True)
+
+
+def scalar(v):
+    return torch.tensor(v, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.fixture
+def batch():
+    """Teacher and student embeddings, student-side leaves requiring grad. The student
+    image/text embeddings are correlated with the teacher's so the terms sit in a
+    realistic range rather than at chance."""
+    t_img, t_txt = unit(N, D, seed=1), unit(N, D, seed=2)
+    s_img = F.normalize(t_img + 0.7 * unit(N, D, seed=3), dim=-1)
+    s_txt = F.normalize(t_txt + 0.7 * unit(N, D, seed=4), dim=-1)
+    return t_img, t_txt, leaf(s_img), leaf(s_txt)
+
+
+def check(value, ref, wrt):
+    """Values and gradients w.r.t. ``wrt`` agree to 1e-6."""
+    torch.testing.assert_close(value, ref, **TOL)
+    got = torch.autograd.grad(value, wrt, allow_unused=True)
+    want = torch.autograd.grad(ref, wrt, allow_unused=True)
+    for g, w in zip(got, want):
+        g = torch.zeros(()) if g is None else g
+        w = torch.zeros(()) if w is None else w
+        torch.testing.assert_close(g.double().expand_as(w) if w.ndim else g.double(), w.double(), **TOL)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-term known answers
+
+
+def test_clip_task(batch):
+    _, _, si, st = batch
+    s = scalar(14.3)
+    check(losses.clip_task(si, st, s), ref_task(si, st, s), (si, st, s))
+
+
+def test_crd(batch):
+    ti, tt, si, st = batch
+    ti, tt, s, tau = leaf(ti), leaf(tt), scalar(11.0), scalar(100.0)
+    value = losses.crd(ti, tt, si, st, tau, s)
+    check(value, ref_crd(ti, tt, si, st, tau, s), (si, st, s))
+    # the teacher side is a KL target: no gradient reaches it or its scale
+    g_ti, g_tt, g_tau = torch.autograd.grad(value, (ti, tt, tau), allow_unused=True)
+    assert all(g is None or torch.all(g == 0) for g in (g_ti, g_tt, g_tau))
+
+
+def test_fd(batch):
+    ti, tt, pi, pt = batch
+    check(losses.fd(ti, tt, pi, pt), ref_fd(ti, tt, pi, pt), (pi, pt))
+
+
+def test_icl(batch):
+    ti, tt, pi, pt = batch
+    ax = scalar(2.659)
+    check(losses.icl(ti, tt, pi, pt, ax), ref_icl(ti, tt, pi, pt, ax), (pi, pt, ax))
+
+
+def test_vrd(batch):
+    ti, tt, pi, pt = batch
+    ai, at = scalar(2.659), scalar(3.1)
+    value = losses.vrd(ti, tt, pi, pt, ai, at)
+    check(value, ref_vrd(ti, tt, pi, pt, ai, at), (pi, pt, ai, at))
+
+
+def test_vrd_text_side_is_a_detached_target(batch):
+    """Through the KL part no gradient reaches P_T or a_T: their gradient is the CE part's."""
+    ti, tt, pi, pt = batch
+    ai, at = scalar(2.659), scalar(3.1)
+    got = torch.autograd.grad(losses.vrd(ti, tt, pi, pt, ai, at), (pt, at))
+    want = torch.autograd.grad(ref_vrd_ce(ti, tt, pi, pt, ai, at), (pt, at))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+    # and the KL part does move P_I (the test would not notice a missing KL otherwise)
+    kl_grad = torch.autograd.grad(ref_vrd_kl(ti, tt, pi, pt, ai, at), pi)[0]
+    assert kl_grad.abs().max() > 1e-3
+
+
+def test_xrd(batch):
+    ti, tt, pi, pt = batch
+    ax = scalar(2.659)
+    check(losses.xrd(ti, tt, pi, pt, ax), ref_xrd(ti, tt, pi, pt, ax), (pi, pt, ax))
+
+
+def test_xrd_differs_from_the_undetached_kl(batch):
+    """Each direction's target is detached; letting gradient into the targets changes it."""
+    ti, tt, pi, pt = batch
+    ax = scalar(2.659)
+
+    def kl_both_sides(target, inp):
+        return (F.softmax(target, 1) * (F.log_softmax(target, 1) - F.log_softmax(inp, 1))).sum() / N
+
+    a, b = ax * ti @ pt.T, ax * tt @ pi.T
+    undetached = 0.25 * (kl_both_sides(b, a) + kl_both_sides(a, b)
+                         + kl_both_sides(b.T, a.T) + kl_both_sides(a.T, b.T))
+    got = torch.autograd.grad(losses.xrd(ti, tt, pi, pt, ax), pi)[0]
+    wrong = torch.autograd.grad(undetached, pi)[0]
+    assert (got - wrong).abs().max() > 1e-4
+
+
+def test_soft_target_kd_and_affinity_mimic(batch):
+    ti, tt, si, st = batch
+    s, tau = scalar(9.0), 100.0
+    ref = ref_soft_target(ti, tt, si, st, tau, s)
+    check(losses.soft_target_kd(ti, tt, si, st, tau, s), ref, (si, st, s))
+    check(losses.affinity_mimic(ti, tt, si, st, tau, s), ref_soft_target(ti, tt, si, st, tau, s),
+          (si, st, s))
+
+
+def test_soft_target_equals_open_clip_distill_clip_loss(batch):
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    ti, tt, si, st = batch
+    s, tau = torch.tensor(9.0, dtype=torch.float64), torch.tensor(100.0, dtype=torch.float64)
+    _, distill = open_clip_loss.DistillClipLoss()(si, st, s, ti, tt, tau)
+    torch.testing.assert_close(losses.soft_target_kd(ti, tt, si, st, tau, s), distill, **TOL)
+
+
+# ---------------------------------------------------------------------------------------
+# Numbers worked out by hand (N = 2)
+
+
+def test_hand_computed_task_and_crd():
+    eye = torch.eye(2, dtype=torch.float64)
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    # logits = I: each row's CE is -log(e / (e + 1)) = log(1 + 1/e)
+    assert losses.clip_task(eye, eye, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-12)
+    # teacher logits I (p = [e, 1]/(e+1)), student logits swap (q = [1, e]/(e+1)):
+    # KL per row = p1 * log(e) + p2 * log(1/e) = (e - 1)/(e + 1) = tanh(1/2), in every direction
+    assert losses.crd(eye, eye, eye, swap, 1.0, 1.0).item() == pytest.approx(math.tanh(0.5), abs=1e-12)
+    # FD: I against swap differs by 1 in all four entries -> MSE 1 per modality, 2 in all
+    assert losses.fd(eye, eye, swap, swap).item() == pytest.approx(2.0, abs=1e-12)
+
+
+def test_kl_with_a_target_probability_that_underflows():
+    """A teacher row with a probability of exactly 0 in float64 gives a finite KL and gradient."""
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    p = leaf(F.normalize(torch.tensor([[1.0, 0.2], [0.3, 1.0]], dtype=torch.float64), dim=-1))
+    # a_T = 2000: softmax of [2000, 0] underflows to [1, 0]
+    value = losses.vrd(t, t, p, p.detach(), 1.0, 2000.0)
+    (grad,) = torch.autograd.grad(value, p)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Presets, weights and overrides
+
+
+def test_presets_compose_the_brief_table():
+    clipkd = {"task": 1.0, "crd": 1.0, "fd": 2000.0, "icl": 1.0}
+    assert losses.weights_for("clip") == {"task": 1.0}
+    assert losses.weights_for("crd") == {"task": 1.0, "crd": 1.0}
+    assert losses.weights_for("fd") == {"task": 1.0, "fd": 2000.0}
+    assert losses.weights_for("icl") == {"task": 1.0, "icl": 1.0}
+    assert losses.weights_for("clipkd") == clipkd
+    assert losses.weights_for("vrd") == {**clipkd, "vrd": 1.0}
+    assert losses.weights_for("xrd") == {**clipkd, "xrd": 1.0}
+    assert losses.weights_for("cliprd") == {**clipkd, "vrd": 1.0, "xrd": 1.0}
+    assert losses.weights_for("distill") == {"task": 1.0, "soft_target": 1.0}
+    assert losses.weights_for("tinyclip") == {"affinity": 1.0}
+
+
+def test_overrides_change_add_and_remove_terms():
+    w = losses.weights_for("cliprd", {"fd": 1000, "vrd": 0})
+    assert w["fd"] == 1000.0 and "vrd" not in w and w["xrd"] == 1.0
+    assert losses.weights_for("clip", {"xrd": 0.5}) == {"task": 1.0, "xrd": 0.5}
+    assert losses.parse_weight_overrides(["fd=1000", " vrd = 0.5"]) == {"fd": 1000.0, "vrd": 0.5}
+    assert losses.parse_weight_overrides(None) == {}
+
+
+@pytest.mark.parametrize(
+    "call, listed",
+    [
+        (lambda: losses.weights_for("clipr"), "cliprd"),
+        (lambda: losses.weights_for("cliprd", {"fdd": 1}), "xrd"),
+        (lambda: losses.parse_weight_overrides(["hrd=1"]), "crd"),
+        (lambda: losses.parse_weight_overrides(["fd"]), "TERM=NUMBER"),
+        (lambda: losses.parse_weight_overrides(["fd=lots"]), "not a number"),
+        (lambda: losses.weights_for("cliprd", {"fd": -1}), ">= 0"),
+        (lambda: losses.weights_for("cliprd", {"fd": float("nan")}), ">= 0"),
+        (lambda: losses.weights_for("clip", {"task": 0}), "no term"),
+        (lambda: losses.DistillLoss({"task": 1}, scale_param="log"), "raw, exp"),
+    ],
+)
+def test_bad_names_and_weights_raise_one_line_user_errors(call, listed):
+    with pytest.raises(UserError) as err:
+        call()
+    assert listed in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------
+# The module
+
+
+def module_inputs(d_s=D, d_t=D, seed=10):
+    t_img, t_txt = unit(N, d_t, seed=seed), unit(N, d_t, seed=seed + 1)
+    s_img, s_txt = leaf(unit(N, d_s, seed=seed + 2)), leaf(unit(N, d_s, seed=seed + 3))
+    return t_img, t_txt, s_img, s_txt, scalar(math.log(12.0)), 100.0
+
+
+def test_module_total_is_the_weighted_sum_of_the_pure_terms():
+    loss = losses.DistillLoss.from_preset("cliprd", {"fd": 1000}).double()
+    t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs()
+    total, parts = loss(t_img, t_txt, s_img, s_txt, log_s, tau)
+    assert list(parts) == ["task", "crd", "fd", "icl", "vrd", "xrd"]
+    s = log_s.exp()
+    a = loss.scale_img, loss.scale_txt, loss.scale_cross
+    ref = {
+        "task": ref_task(s_img, s_txt, s),
+        "crd": ref_crd(t_img, t_txt, s_img, s_txt, tau, s),
+        "fd": 1000 * ref_fd(t_img, t_txt, s_img, s_txt),
+        "icl": ref_icl(t_img, t_txt, s_img, s_txt, a[2]),
+        "vrd": ref_vrd(t_img, t_txt, s_img, s_txt, a[0], a[1]),
+        "xrd": ref_xrd(t_img, t_txt, s_img, s_txt, a[2]),
+    }
+    for name, value in ref.items():
+        torch.testing.assert_close(parts[name], value.detach(), **TOL)
+        assert not parts[name].requires_grad
+    check(total, sum(ref.values()), (s_img, s_txt, log_s, *a))
+
+
+def test_unequal_dims_create_heads_and_normalise_after_them():
+    loss = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D).double()
+    assert loss.head_img.weight.shape == (D, 4) and loss.head_txt is not loss.head_img
+    t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs(d_s=4)
+    total, parts = loss(t_img, t_txt, s_img, s_txt, log_s, tau)
+    p_img = F.normalize(s_img @ loss.head_img.weight.T + loss.head_img.bias, dim=-1)
+    p_txt = F.normalize(s_txt @ loss.head_txt.weight.T + loss.head_txt.bias, dim=-1)
+    s, (ai, at, ax) = log_s.exp(), (loss.scale_img, loss.scale_txt, loss.scale_cross)
+    ref = (
+        ref_task(s_img, s_txt, s) + ref_crd(t_img, t_txt, s_img, s_txt, tau, s)  # S, not P
+        + 2000 * ref_fd(t_img, t_txt, p_img, p_txt) + ref_icl(t_img, t_txt, p_img, p_txt, ax)
+        + ref_vrd(t_img, t_txt, p_img, p_txt, ai, at) + ref_xrd(t_img, t_txt, p_img, p_txt, ax)
+    )
+    head_params = (loss.head_img.weight, loss.head_img.bias, loss.head_txt.weight, loss.head_txt.bias)
+    check(total, ref, (s_img, s_txt, log_s, ai, at, ax, *head_params))
+
+
+def test_equal_dims_or_student_only_terms_create_no_heads():
+    assert losses.DistillLoss.from_preset("cliprd", student_dim=D, teacher_dim=D).head_img is None
+    assert losses.DistillLoss.from_preset("crd", student_dim=4, teacher_dim=D).head_img is None
+
+
+@pytest.mark.parametrize(
+    "preset, params",
+    [
+        ("clip", set()),
+        ("crd", set()),
+        ("icl", {"scale_cross"}),
+        ("vrd", {"scale_img", "scale_txt", "scale_cross"}),
+        ("fd", set()),
+        ("tinyclip", set()),
+    ],
+)
+def test_only_the_parameters_active_terms_use_exist(preset, params):
+    assert {n for n, _ in losses.DistillLoss.from_preset(preset).named_parameters()} == params
+    loss = losses.DistillLoss.from_preset("cliprd", {"vrd": 0})
+    assert loss.scale_img is None and "vrd" not in loss.weights
+
+
+def test_needs_teacher_and_a_clip_loss_without_teacher():
+    assert not losses.DistillLoss.from_preset("clip").needs_teacher
+    assert losses.DistillLoss.from_preset("crd").needs_teacher
+    _, _, s_img, s_txt, log_s, _ = module_inputs()
+    total, parts = losses.DistillLoss.from_preset("clip")(None, None, s_img, s_txt, log_s)
+    check(total, ref_task(s_img, s_txt, log_s.exp()), (s_img, s_txt, log_s))
+    with pytest.raises(ValueError):
+        losses.DistillLoss.from_preset("crd")(None, None, s_img, s_txt, log_s, 100.0)
+
+
+def test_student_scale_is_clamped_at_100_and_scales_parameterised():
+    _, _, s_img, s_txt, _, _ = module_inputs()
+    total, _ = losses.DistillLoss.from_preset("clip")(None, None, s_img, s_txt, scalar(7.0))
+    torch.testing.assert_close(total, ref_task(s_img, s_txt, 100.0), **TOL)
+
+    raw = losses.DistillLoss.from_preset("cliprd")
+    exp = losses.DistillLoss.from_preset("cliprd", scale_param="exp")
+    assert raw.scales() == pytest.approx({k: math.log(1 / 0.07) for k in ("a_img", "a_txt", "a_cross")})
+    assert exp.scales() == pytest.approx({k: 1 / 0.07 for k in ("a_img", "a_txt", "a_cross")}, rel=1e-6)
+    with torch.no_grad():
+        exp.scale_cross.fill_(6.0)
+    assert exp.scales()["a_cross"] == pytest.approx(100.0)
+
+
+def test_exp_scales_enter_the_terms_as_exp():
+    loss = losses.DistillLoss.from_preset("xrd", scale_param="exp").double()
+    t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs()
+    _, parts = loss(t_img, t_txt, s_img, s_txt, log_s, tau)
+    a_x = loss.scale_cross.exp()
+    torch.testing.assert_close(parts["xrd"], ref_xrd(t_img, t_txt, s_img, s_txt, a_x).detach(), **TOL)
+
+
+def test_param_groups_decay_head_matrices_only():
+    loss = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D)
+    decay, no_decay = loss.param_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 5  # 2 biases + 3 scales
+    assert losses.DistillLoss.from_preset("clip").param_groups(0.1) == []
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    loss = losses.DistillLoss.from_preset("cliprd")
+    t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs()
+    as_bf16 = [x.detach().to(torch.bfloat16) for x in (t_img, t_txt, s_img, s_txt)]
+    total, _ = loss(*as_bf16, log_s.detach().float(), tau)
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+
+
+def test_state_dict_round_trip():
+    a = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D)
+    with torch.no_grad():
+        a.scale_img.fill_(1.5)
+    b = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D)
+    b.load_state_dict(a.state_dict())
+    assert b.scales()["a_img"] == 1.5
+    assert set(a.state_dict()) == {
+        "head_img.weight", "head_img.bias", "head_txt.weight", "head_txt.bias",
+        "scale_img", "scale_txt", "scale_cross",
+    }
