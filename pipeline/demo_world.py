@@ -122,10 +122,10 @@ ZEROSHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
         "a picture of one {} shape.",
     ),
     "position": (
-        "a photo of a shape {}.",
-        "an image showing one object {}.",
-        "there is a thing {}.",
-        "a picture of the shape {}.",
+        "a photo of a shape in the {}.",
+        "an image showing one object in the {}.",
+        "there is a thing in the {}.",
+        "a picture of the shape in the {}.",
     ),
 }
 ZEROSHOT_VOCAB: dict[str, Sequence[str]] = {
