@@ -28,7 +28,73 @@ app.add_typer(cache_app, name="cache")
 # --- extract-teacher (stage one) ---------------------------------------------------------
 
 
+def _float_pair(text: str, option: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} takes two numbers separated by a comma, e.g. 0.08,1.0; got {text!r}") from None
+    return low, high
+
+
+@app.command("extract-teacher")
+def extract_teacher_command(
+    data: str = typer.Option(..., "--data", help="Dataset: CSV/TSV, webdataset shards (.tar, brace pattern) or Parquet."),
+    data_format: str = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix)."),
+    image_column: str = typer.Option("filepath", help="CSV: image path column; Parquet: image bytes column."),
+    caption_column: str = typer.Option("title", help="Caption column (CSV/Parquet)."),
+    key_column: Optional[str] = typer.Option(None, help="Sample key column (default: derived from the image path)."),
+    separator: str = typer.Option("\t", help="CSV field separator."),
+    model: str = typer.Option(..., "--model", help="Teacher: open_clip model name (ViT-L-14), hf-hub:org/name, local-dir:PATH or a model-config .json."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag (openai, laion2b_s32b_b82k) or a local checkpoint file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache folder (default artifacts/cache/<teacher>_<dataset>)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per teacher forward pass (per process)."),
+    workers: int = typer.Option(4, "--workers", min=0, help="DataLoader processes that read, decode and preprocess (per process)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:N."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast (CUDA only)."),
+    storage_dtype: str = typer.Option("float16", "--storage-dtype", help="Embedding dtype on disk: float16, bfloat16 or float32."),
+    views: int = typer.Option(1, "--views", min=1, help="Views per image: view 0 is the teacher's eval view, the rest random-resized-crop + flip."),
+    view_scale: str = typer.Option("0.08,1.0", "--view-scale", help="Area fraction range of the random views' crops."),
+    view_seed: int = typer.Option(0, "--view-seed", help="Seed of the random views (with the key and view index)."),
+    rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", min=1, help="Images per cache shard (CSV/Parquet; webdataset follows its data shards)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep and skip shards an interrupted run finished."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache of another teacher, preprocessing or dataset at --out."),
+    max_reject_fraction: float = typer.Option(0.05, "--max-reject-fraction", min=0.0, max=1.0, help="Fail when more than this fraction of samples is rejected."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run the teacher once over a dataset and write its embeddings to a cache (stage one)."""
+    from rdkd.cache.views import ViewConfig
+    from rdkd.data import DataSpec
+    from rdkd.models import parse_model_spec
+    from rdkd.stages.extract_teacher import extract_teacher
+
+    spec = DataSpec(data, format=data_format, image_column=image_column, caption_column=caption_column,
+                    key_column=key_column, separator=separator)
+    extract_teacher(
+        spec, parse_model_spec(model, pretrained), out, batch_size=batch_size, workers=workers, device=device,
+        precision=precision, storage_dtype=storage_dtype,
+        views=ViewConfig(count=views, scale=_float_pair(view_scale, "--view-scale"), seed=view_seed),
+        rows_per_shard=rows_per_shard, resume=resume, overwrite=overwrite,
+        max_reject_fraction=max_reject_fraction, progress=progress,
+    )
+
+
 # --- cache info / verify -------------------------------------------------------------------
+
+
+@cache_app.command("info")
+def cache_info_command(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Show what a cache holds: teacher, preprocessing, views, dataset, counts."""
+    from rdkd.cache.cli import print_info
+
+    print_info(path)
+
+
+@cache_app.command("verify")
+def cache_verify_command(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Check every file's sha256, the row counts and the embedding dims (exit 2 on a problem)."""
+    from rdkd.cache.cli import verify
+
+    verify(path)
 
 
 # --- train-student (stage two) ---------------------------------------------------------------
@@ -84,6 +150,67 @@ def train_student_command(
 
 
 # --- evaluate / report -----------------------------------------------------------------------
+
+
+@app.command("evaluate")
+def evaluate_command(
+    data: Optional[str] = typer.Option(None, "--data", help="Retrieval eval set: CSV/TSV, webdataset shards or Parquet (several captions per image allowed)."),
+    data_format: str = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix)."),
+    image_column: str = typer.Option("filepath", help="CSV: image path column; Parquet: image bytes column."),
+    caption_column: str = typer.Option("title", help="Caption column (CSV/Parquet)."),
+    key_column: Optional[str] = typer.Option(None, help="Sample key column (default: derived from the image path)."),
+    separator: str = typer.Option("\t", help="CSV field separator."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model to score: open_clip name, hf-hub:org/name, a student export folder (local-dir:), or a model-config JSON."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or checkpoint path for --model."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Score a teacher cache's own rows instead of a model (no recomputation)."),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Teacher cache of the eval set: adds geometry-fidelity metrics."),
+    zeroshot: Optional[List[str]] = typer.Option(None, "--zeroshot", help="Zero-shot task (repeatable): NAME=PATH[;classnames=imagenet|FILE|a,b,c][;templates=openai|simple|FILE|t1{}|t2{}][;label_column=label][;image_column=filepath]. PATH: image-folder tree or CSV."),
+    index_factory: Optional[str] = typer.Option(None, "--index-factory", help="FAISS factory string for very large galleries (e.g. IVF4096,Flat, HNSW32): approximate, no ranks. Default: exact IndexFlatIP."),
+    search_params: Optional[str] = typer.Option(None, "--search-params", help="FAISS search parameters for --index-factory, e.g. nprobe=64 or efSearch=128."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Encoding batch size."),
+    workers: int = typer.Option(4, "--workers", min=0, help="DataLoader worker processes for image decoding."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:N."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fidelity similarity sample."),
+    fidelity_sample: int = typer.Option(2000, "--fidelity-sample", min=3, help="Items sampled for the Spearman fidelity correlations."),
+    per_class: bool = typer.Option(False, "--per-class", help="Also write zero-shot per-class top-1 accuracy CSVs."),
+    method: Optional[str] = typer.Option(None, "--method", help="Run label for rdkd report (default: from the student's run.json)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Run label for rdkd report (default: from run.json or the model name)."),
+    run_seed: Optional[int] = typer.Option(None, "--run-seed", help="Training seed label for rdkd report (default: from run.json)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Output folder name under artifacts/eval/ (when --out is not given)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Metrics JSON path (default artifacts/eval/<name>/metrics.json)."),
+) -> None:
+    """Score a model or a cache: FAISS retrieval R@1/5/10, zero-shot accuracy, geometry fidelity."""
+    from rdkd.data import DataSpec
+    from rdkd.models import parse_model_spec
+    from rdkd.stages.evaluate import ZeroShotTask, default_output, evaluate
+
+    if model is None and pretrained is not None:
+        raise UserError("--pretrained needs --model")
+    spec = parse_model_spec(model, pretrained) if model is not None else None
+    data_spec = DataSpec(data, format=data_format, image_column=image_column, caption_column=caption_column,
+                         key_column=key_column, separator=separator) if data else None
+    tasks = [ZeroShotTask.parse(t) for t in zeroshot or []]
+    target = out or (default_output(spec, cache, name) if (spec is not None) != (cache is not None) else None)
+    results = evaluate(
+        target, data=data_spec, model=spec, cache=cache, teacher_cache=teacher_cache, zeroshot=tasks,
+        index_factory=index_factory, search_params=search_params, batch_size=batch_size, workers=workers,
+        device=None if device == "auto" else device, seed=seed, fidelity_sample=fidelity_sample,
+        per_class=per_class, run_info={"method": method, "student": student, "seed": run_seed},
+    )
+    shown = {k: v for k, v in results.items() if k.endswith(("_r1", "/top1", "knn10_img", "cka_img"))}
+    typer.echo(" ".join(f"{k}={v:.4f}" for k, v in shown.items()) + f" -> {target}")
+
+
+@app.command("report")
+def report_command(
+    inputs: Optional[List[str]] = typer.Argument(None, help="metrics.json files, folders or glob patterns (default artifacts/eval/**/metrics.json)."),
+    out: Path = typer.Option(Path("artifacts/report"), "--out", "-o", help="Report folder: report.md, runs.csv, table.csv, PNG plots."),
+) -> None:
+    """Gather evaluation runs into one Markdown table (method x student, mean ± std over seeds) and plots."""
+    from rdkd.stages.report import DEFAULT_INPUTS, report
+
+    result = report(inputs or DEFAULT_INPUTS, out)
+    typer.echo(f"{len(result['runs'])} runs in {len(result['groups'])} groups -> {out / 'report.md'}")
 
 
 # --- demo-data -------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""What ``rdkd cache info`` and ``rdkd cache verify`` print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from rdkd.cache.reader import TeacherCache
+from rdkd.errors import UserError
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def print_info(path: Path, console: Console | None = None) -> None:
+    """A table of the manifest: teacher, preprocessing, views, dataset, counts and sizes."""
+    cache = TeacherCache.open(path)
+    m = cache.manifest
+    teacher, pre, views, counts = m["teacher"], m["preprocess"], m["views"], m["counts"]
+    spec = teacher["spec"]
+    model = spec.get("name") or spec.get("config")
+    weights = spec.get("pretrained") or "(random init)"
+    size_bytes = sum(s[kind]["bytes"] for s in m["shards"] for kind in ("images", "texts"))
+    table = Table(title=f"teacher cache {path}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("cache id", m["cache_id"]),
+        ("format", f"{m['format']} v{m['format_version']} (rdkd {m['rdkd_version']})"),
+        ("teacher", f"{model} / {weights}"),
+        ("weights sha256", teacher["weights_sha256"]),
+        ("logit scale", f"{teacher['logit_scale']:.4g}"),
+        ("embeddings", f"dim {m['dim']}, stored as {m['storage_dtype']}, L2-normalised; computed in {m['precision']}"),
+        ("preprocess", f"{pre.get('size')} px, {pre.get('resize_mode')}, {pre.get('interpolation')}, "
+                       f"mean {pre.get('mean')}, std {pre.get('std')}"),
+        ("views", f"{views['count']} per image (view 0: eval view"
+                  + (f"; others: crop scale {views['scale']}, flip p {views['flip_prob']}, seed {views['seed']})"
+                     if views["count"] > 1 else ")")),
+        ("tokenizer", f"{m['tokenizer']['name']}, context length {m['tokenizer']['context_length']}"),
+        ("dataset", f"{m['dataset']['path']} ({m['dataset']['format']})"),
+        ("dataset fingerprint", m["dataset"]["fingerprint"]),
+        ("images", f"{counts['images']:,} ({counts['image_rows']:,} view rows)"),
+        ("captions", f"{counts['captions']:,}"),
+        ("rejects", f"{counts['rejects']:,}"),
+        ("shards", f"{len(m['shards'])} ({m['layout']['shard_by']}), {_mib(size_bytes)} of embeddings"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    (console or Console()).print(table)
+
+
+def verify(path: Path, console: Console | None = None) -> None:
+    """Check checksums, counts and dims; ``UserError`` (one line, exit 2) on the first problem."""
+    cache = TeacherCache.open(path)
+    problems = cache.verify()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"cache {path} is damaged: {problems[0]}{more}")
+    files = 2 + 2 * cache.num_shards
+    (console or Console()).print(
+        f"ok: {path}: {files} files match their sha256; {cache.num_images:,} images, {cache.num_texts:,} captions, dim {cache.dim}"
+    )
