@@ -107,6 +107,16 @@ def build_index(
     return GalleryIndex(index=index, exact=exact, on_gpu=on_gpu)
 
 
+def check_index_factory(index_factory: str, dim: int) -> None:
+    """Raise :class:`UserError` now when FAISS cannot parse ``index_factory`` (before encoding)."""
+    if index_factory.strip() == "Flat":
+        return
+    try:
+        faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise UserError(f"FAISS rejects index factory {index_factory!r}: {_faiss_reason(err)}") from None
+
+
 def _faiss_reason(err: RuntimeError) -> str:
     """The last line of a FAISS C++ error, without the file and function prefix."""
     text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
@@ -291,7 +301,7 @@ def zero_shot_metrics(
         raise UserError(f"zero-shot labels must lie in [0, {num_classes}) for {num_classes} classes")
     logits = images @ classes.T
     ranks = ranks_from_scores(logits, logits.gather(1, labels_t[:, None]).squeeze(1))
-    metrics = {f"top{k}": float((ranks <= min(k, num_classes)).float().mean()) for k in ks}
+    metrics = {f"top{k}": float((ranks <= min(k, num_classes)).double().mean()) for k in ks}
     hits = (ranks == 1).double()
     per_class_total = torch.bincount(labels_t, minlength=num_classes).double()
     per_class_hits = torch.bincount(labels_t, weights=hits, minlength=num_classes)

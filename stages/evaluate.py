@@ -1,0 +1,590 @@
+"""Stage three: score a model or a cache (``rdkd evaluate``).
+
+What can be scored (exactly one):
+
+- a model: any open_clip spec (:class:`rdkd.models.ModelSpec`): a student export written by
+  ``rdkd train-student`` (``local-dir:.../export`` or its folder), the teacher, or any
+  third-party open_clip model, encoded on the fly (batched, DataLoader workers, autocast on
+  CUDA);
+- a teacher cache (``cache=``): its stored rows (view 0, the teacher's eval view) are scored
+  as they are, with nothing recomputed.
+
+What is measured:
+
+- retrieval on ``data`` (any :class:`rdkd.data.DataSpec`; several captions per image are the
+  multi-caption ground truth): ``retrieval/i2t_r1`` ... see :func:`rdkd.metrics.retrieval_metrics`;
+- zero-shot classification for each :class:`ZeroShotTask` (needs a model):
+  ``zeroshot/<task>/top1``, ``top5``, ``mean_per_class_top1``;
+- geometry fidelity against ``teacher_cache`` (a cache of the same eval set, joined by key):
+  ``fidelity/knn10_img`` ... see :func:`rdkd.metrics.fidelity_metrics`.
+
+Outputs (``out`` is the metrics file; default ``artifacts/eval/<name>/metrics.json``):
+
+- ``metrics.json``: one flat object of numbers (what ``dvc metrics`` reads);
+- ``evaluation.json`` beside it: what was scored and how (specs, fingerprints, index, seed,
+  skipped samples with reasons, timings);
+- ``run.json`` beside it: ``{"method", "student", "seed"}``, the row labels of ``rdkd
+  report``. Taken from the ``run.json`` that ``rdkd train-student`` writes next to its
+  ``export/`` folder when the model is such an export, overridden by ``run_info``;
+  otherwise method ``teacher`` for a cache and ``open_clip`` for other models, student the
+  model's name, seed null.
+- ``zeroshot_<task>_per_class.csv`` when ``per_class`` is set.
+
+Bad input (missing files, a cache of another eval set, an empty class list, a template
+without ``{}``, an index factory FAISS rejects) raises :class:`UserError` before anything is
+written; the outputs are replaced atomically at the end, so a failed run loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from rdkd import metrics as M
+from rdkd.data import IMAGE_EXTENSIONS, DataSpec, decode_image, open_dataset
+from rdkd.errors import SampleError, UserError
+
+DEFAULT_ARTIFACTS = Path("artifacts")
+RUN_INFO = "run.json"
+EVALUATION_INFO = "evaluation.json"
+_WNID = re.compile(r"^n\d{8}$")
+
+
+# --- zero-shot tasks ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    """One zero-shot classification set.
+
+    ``path`` is an image-folder tree (``root/<class folder>/<image>``, ImageNet layout: class
+    index = position of the folder name in sorted order) or a CSV/TSV with an image column
+    (paths relative to the file's folder) and a label column (a class index or a class name).
+    ``classnames``: ``None`` (folder names, or ImageNet's 1000 names for a folder tree of 1000
+    WordNet ids, or the sorted distinct labels of a CSV), ``"imagenet"``, a text file with one
+    name per line, a comma-separated string, or a list. ``templates``: ``"openai"`` (the 80
+    OpenAI ImageNet prompts of ``open_clip.zero_shot_metadata``), ``"simple"``, a text file
+    with one template per line, a ``|``-separated string, or a list; each contains ``{}`` or
+    ``{c}`` where the class name goes.
+    """
+
+    name: str
+    path: str
+    classnames: str | Sequence[str] | None = None
+    templates: str | Sequence[str] = "openai"
+    image_column: str = "filepath"
+    label_column: str = "label"
+
+    @classmethod
+    def parse(cls, text: str) -> "ZeroShotTask":
+        """``NAME=PATH[;classnames=...][;templates=...][;image_column=...][;label_column=...]``
+        (``PATH`` alone names the task after the folder or file)."""
+        head, *options = [part.strip() for part in text.split(";")]
+        name, sep, path = head.partition("=")
+        if not sep:
+            name, path = Path(head.rstrip("/")).stem, head
+        fields: dict[str, Any] = {"name": name.strip(), "path": path.strip()}
+        allowed = {"classnames", "templates", "image_column", "label_column"}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or key.strip() not in allowed:
+                raise UserError(f"zero-shot task {text!r}: unknown option {option!r} (allowed: {', '.join(sorted(allowed))})")
+            fields[key.strip()] = value.strip()
+        if not fields["name"] or not fields["path"]:
+            raise UserError(f"zero-shot task {text!r}: expected NAME=PATH")
+        return cls(**fields)
+
+
+@dataclass
+class _ZeroShotSet:
+    task: ZeroShotTask
+    images: "_ImageFiles"
+    labels: np.ndarray
+    classnames: list[str]
+    templates: list[Callable[[str], str]]
+
+
+def _read_list(value: str, separator: str) -> list[str]:
+    """A file with one item per line, or a ``separator``-joined literal list."""
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [item.strip() for item in value.split(separator) if item.strip()]
+
+
+def resolve_classnames(value: str | Sequence[str] | None, default: Sequence[str]) -> list[str]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    if value is None:
+        names = list(default)
+    elif isinstance(value, str):
+        names = list(IMAGENET_CLASSNAMES) if value.strip().lower() == "imagenet" else _read_list(value, ",")
+    else:
+        names = [str(n).strip() for n in value if str(n).strip()]
+    if not names:
+        raise UserError("the zero-shot class list is empty")
+    if len(set(names)) != len(names):
+        raise UserError("the zero-shot class list has duplicate names")
+    return names
+
+
+def _fill_template(template: str, classname: str) -> str:
+    return template.replace("{c}", classname).replace("{}", classname)
+
+
+def resolve_templates(value: str | Sequence[str]) -> list[Callable[[str], str]]:
+    """Prompt templates as the callables ``open_clip.build_zero_shot_classifier`` accepts.
+
+    open_clip's own templates are callables; user strings use ``{}`` or ``{c}`` and become
+    callables too (``str.format`` would choke on ``{c}`` and on any other brace).
+    """
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    if isinstance(value, str) and value.strip().lower() in ("openai", "simple"):
+        return list(OPENAI_IMAGENET_TEMPLATES if value.strip().lower() == "openai" else SIMPLE_IMAGENET_TEMPLATES)
+    templates = _read_list(value, "|") if isinstance(value, str) else [str(t) for t in value]
+    if not templates:
+        raise UserError("the zero-shot template list is empty")
+    for template in templates:
+        if "{}" not in template and "{c}" not in template:
+            raise UserError(f"zero-shot template {template!r} has no {{}} (or {{c}}) for the class name")
+    return [partial(_fill_template, t) for t in templates]
+
+
+def _open_zero_shot(task: ZeroShotTask) -> _ZeroShotSet:
+    root = Path(task.path)
+    if root.is_dir():
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not folders:
+            raise UserError(f"zero-shot set {task.name}: {root} has no class folders")
+        default = [f.replace("_", " ") for f in folders]
+        if task.classnames is None and len(folders) == 1000 and all(_WNID.match(f) for f in folders):
+            from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+            default = list(IMAGENET_CLASSNAMES)
+        classnames = resolve_classnames(task.classnames, default)
+        if len(classnames) != len(folders):
+            raise UserError(f"zero-shot set {task.name}: {len(folders)} class folders but {len(classnames)} class names")
+        paths, labels = [], []
+        for label, folder in enumerate(folders):
+            for file in sorted((root / folder).rglob("*")):
+                if file.is_file() and file.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                    paths.append(str(file))
+                    labels.append(label)
+    elif root.is_file():
+        paths, raw_labels = _read_label_table(task, root)
+        if all(re.fullmatch(r"\d+", label) for label in raw_labels):
+            labels = [int(label) for label in raw_labels]
+            if task.classnames is None:
+                raise UserError(f"zero-shot set {task.name}: integer labels need class names (classnames=...)")
+            classnames = resolve_classnames(task.classnames, [])
+            if max(labels) >= len(classnames):
+                raise UserError(f"zero-shot set {task.name}: label {max(labels)} but only {len(classnames)} class names")
+        else:
+            classnames = resolve_classnames(task.classnames, sorted(set(raw_labels)))
+            index = {name: i for i, name in enumerate(classnames)}
+            unknown = sorted(set(raw_labels) - index.keys())
+            if unknown:
+                raise UserError(f"zero-shot set {task.name}: label {unknown[0]!r} is not a class name")
+            labels = [index[label] for label in raw_labels]
+    else:
+        raise UserError(f"zero-shot set {task.name}: no such folder or file: {root}")
+    if not paths:
+        raise UserError(f"zero-shot set {task.name}: no images under {root}")
+    return _ZeroShotSet(task, _ImageFiles(paths), np.asarray(labels, dtype=np.int64), classnames,
+                        resolve_templates(task.templates))
+
+
+def _read_label_table(task: ZeroShotTask, path: Path) -> tuple[list[str], list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        first = f.readline()
+        f.seek(0)
+        delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in first else ","
+        reader = csv.DictReader(f, delimiter=delimiter)
+        for column in (task.image_column, task.label_column):
+            if column not in (reader.fieldnames or []):
+                raise UserError(f"zero-shot set {task.name}: {path} has no column {column!r}")
+        rows = [(r[task.image_column].strip(), r[task.label_column].strip()) for r in reader]
+    return [str(path.parent / p) for p, _ in rows], [label for _, label in rows]
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+class _ImageFiles:
+    """Images given as file paths (zero-shot sets), readable like a :class:`rdkd.data.Dataset`."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.keys = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_image_bytes(self, i: int) -> bytes:
+        try:
+            with open(self.paths[i], "rb") as f:
+                return f.read()
+        except OSError as err:
+            raise SampleError(f"image file unreadable: {err.strerror or err}") from None
+
+
+class _Preprocessed(torch.utils.data.Dataset):
+    """Decoded, preprocessed images for DataLoader workers; bad samples come back as reasons."""
+
+    def __init__(self, source: Any, preprocess: Callable):
+        self.source = source
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.preprocess(decode_image(self.source.read_image_bytes(i))), None
+        except SampleError as err:
+            return i, None, err.reason
+
+
+def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, reason) for i, x, reason in batch if x is None]
+    return [i for i, _ in good], (torch.stack([x for _, x in good]) if good else None), bad
+
+
+def _autocast(device: torch.device):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """A rich progress display; yields ``task(description, total) -> advance(n)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), transient=False) as progress:
+        def task(description: str, total: int) -> Callable[[int], None]:
+            task_id = progress.add_task(description, total=total)
+            return lambda n: progress.advance(task_id, n)
+
+        yield task
+
+
+def _encode_images(model, preprocess, source, batch_size: int, workers: int, device: torch.device,
+                   advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """(embeddings of the readable images, their entry indices, (entry, reason) of the others)."""
+    loader = torch.utils.data.DataLoader(
+        _Preprocessed(source, preprocess), batch_size=batch_size, num_workers=workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    chunks, kept, bad = [], [], []
+    with torch.no_grad(), _autocast(device):
+        for indices, pixels, rejects in loader:
+            if pixels is not None:
+                features = model.encode_image(pixels.to(device, non_blocking=True), normalize=True)
+                chunks.append(features.float().cpu().numpy())
+                kept.extend(indices)
+            bad.extend(rejects)
+            advance(len(indices) + len(rejects))
+    dim = chunks[0].shape[1] if chunks else 0
+    return (np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)), np.asarray(kept, np.int64), bad
+
+
+def _encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, device: torch.device,
+                  advance: Callable[[int], None]) -> np.ndarray:
+    chunks = []
+    with torch.no_grad(), _autocast(device):
+        for start in range(0, len(texts), batch_size):
+            batch = list(texts[start : start + batch_size])
+            chunks.append(model.encode_text(tokenizer(batch).to(device), normalize=True).float().cpu().numpy())
+            advance(len(batch))
+    return np.concatenate(chunks)
+
+
+# --- the eval set ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvalEmbeddings:
+    """Row-aligned embeddings of an eval set: one image row per key, captions in key order."""
+
+    keys: list[str]
+    images: np.ndarray
+    texts: np.ndarray
+    text_image: np.ndarray  # image row of each caption row
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def subset(self, rows: np.ndarray) -> "EvalEmbeddings":
+        """The images ``rows`` (in that order) and their captions."""
+        starts = np.searchsorted(self.text_image, rows, side="left")
+        stops = np.searchsorted(self.text_image, rows, side="right")
+        text_rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(rows) else np.zeros(0, np.int64)
+        return EvalEmbeddings([self.keys[r] for r in rows], self.images[rows], self.texts[text_rows],
+                              np.repeat(np.arange(len(rows)), stops - starts), self.skipped)
+
+
+def _from_cache(cache, keys: Sequence[str] | None) -> EvalEmbeddings:
+    """The cache's view-0 image rows and caption rows of ``keys`` (default: all, cache order)."""
+    if keys is None:
+        view0 = np.arange(0, cache.num_image_rows, cache.views, dtype=np.int64)
+        keys = cache.image_keys(view0)
+    image_rows, text_rows, counts, found, skipped = [], [], [], [], []
+    for key in keys:
+        entry = cache.find(key)
+        if entry is None:
+            skipped.append({"key": key, "reason": "not in the teacher cache (rejected at extraction)"})
+            continue
+        found.append(key)
+        image_rows.append(entry.image_rows.start)  # view 0: the teacher's eval view
+        text_rows.extend(entry.text_rows)
+        counts.append(len(entry.text_rows))
+    images = cache.image_embeddings(np.asarray(image_rows, np.int64)).numpy()
+    texts = cache.text_embeddings(np.asarray(text_rows, np.int64)).numpy()
+    return EvalEmbeddings(found, images, texts, np.repeat(np.arange(len(found)), counts), skipped)
+
+
+def _open_cache_for(path: str | Path, dataset, role: str):
+    from rdkd.cache import TeacherCache
+
+    cache = TeacherCache.open(path)
+    if dataset is not None and cache.dataset_fingerprint != dataset.fingerprint:
+        raise UserError(
+            f"the {role} {path} was built from another dataset than the eval set {dataset.spec.path} "
+            f"(dataset fingerprint {cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]})"
+        )
+    return cache
+
+
+# --- run info -------------------------------------------------------------------------------
+
+
+def _discover_run_info(spec) -> dict[str, Any] | None:
+    """The ``run.json`` of a ``rdkd train-student`` run whose export ``spec`` points into."""
+    candidates = [spec.config, spec.pretrained]
+    if spec.name and spec.name.startswith("local-dir:"):
+        candidates.append(spec.name[len("local-dir:"):])
+    for candidate in filter(None, candidates):
+        path = Path(candidate)
+        if not path.exists():
+            continue
+        folder = path if path.is_dir() else path.parent
+        for place in (folder, folder.parent):
+            info = place / RUN_INFO
+            if info.is_file():
+                try:
+                    return json.loads(info.read_text(encoding="utf-8"))
+                except ValueError:
+                    return None
+    return None
+
+
+def _default_name(model, cache) -> str:
+    if cache is not None:
+        return Path(cache).resolve().name
+    info = _discover_run_info(model)
+    if info and info.get("method") and info.get("student"):
+        return f"{info['student']}-{info['method']}-s{info.get('seed')}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", _model_label(model)).strip("_")
+
+
+def _model_label(spec) -> str:
+    """A short name of a model spec: the model name or config stem, and a pretrained tag."""
+    base = spec.name or (Path(spec.config).stem if spec.config else "model")
+    base = base.split(":", 1)[1].rstrip("/").split("/")[-1] if base.startswith(("local-dir:", "hf-hub:")) else base
+    tag = spec.pretrained
+    return f"{base}/{tag}" if tag and not Path(tag).exists() else base
+
+
+def default_output(model=None, cache: str | Path | None = None, name: str | None = None) -> Path:
+    """``artifacts/eval/<name>/metrics.json``."""
+    return DEFAULT_ARTIFACTS / "eval" / (name or _default_name(model, cache)) / "metrics.json"
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def evaluate(
+    out: str | Path | None = None,
+    data: DataSpec | None = None,
+    model=None,
+    cache: str | Path | None = None,
+    teacher_cache: str | Path | None = None,
+    zeroshot: Sequence[ZeroShotTask] = (),
+    index_factory: str | None = None,
+    search_params: str | None = None,
+    ks: Sequence[int] = M.DEFAULT_KS,
+    batch_size: int = 256,
+    workers: int = 4,
+    device: str | None = None,
+    seed: int = 0,
+    fidelity_k: int = 10,
+    fidelity_sample: int = 2000,
+    per_class: bool = False,
+    run_info: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Score ``model`` (a :class:`rdkd.models.ModelSpec`) or ``cache``; return and write the metrics.
+
+    See the module docstring for what is measured and written. ``out`` defaults to
+    ``artifacts/eval/<name>/metrics.json``.
+    """
+    started = time.time()
+    if (model is None) == (cache is None):
+        raise UserError("evaluate needs exactly one of a model or --cache")
+    if data is None and not zeroshot:
+        raise UserError("nothing to evaluate: give an eval dataset (--data) and/or zero-shot tasks (--zeroshot)")
+    if cache is not None and zeroshot:
+        raise UserError("zero-shot classification needs a model (a cache has no text encoder for class prompts)")
+    if teacher_cache is not None and data is None:
+        raise UserError("--teacher-cache needs the eval dataset (--data) it was extracted from")
+    if any(k < 1 for k in ks):
+        raise UserError("recall cut-offs K must be positive")
+    out = Path(out) if out is not None else default_output(model, cache)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # Everything that can be wrong with the input is checked before any encoding.
+    dataset = open_dataset(data) if data is not None else None
+    scored_cache = _open_cache_for(cache, dataset, "cache") if cache is not None else None
+    teacher = _open_cache_for(teacher_cache, dataset, "teacher cache") if teacher_cache is not None else None
+    zero_shot_sets = [_open_zero_shot(task) for task in zeroshot]
+    if len({t.name for t in zeroshot}) != len(zeroshot):
+        raise UserError("zero-shot task names must be distinct")
+    loaded = None
+    if model is not None:
+        from rdkd.models import load_clip
+
+        loaded = load_clip(model, device=dev)
+    dim = loaded.embed_dim if loaded is not None else scored_cache.dim
+    if index_factory:
+        M.check_index_factory(index_factory, dim)
+
+    results: dict[str, float] = {}
+    info: dict[str, Any] = {
+        "model": model.to_dict() if model is not None else None,
+        "model_info": {k: v for k, v in loaded.info.items() if k != "model_config"} if loaded else None,
+        "cache": str(cache) if cache is not None else None,
+        "data": asdict(data) if data is not None else None,
+        "dataset_fingerprint": dataset.fingerprint if dataset is not None else None,
+        "teacher_cache": str(teacher_cache) if teacher_cache is not None else None,
+        "teacher_cache_id": teacher.cache_id if teacher is not None else None,
+        "index_factory": index_factory or "Flat", "search_params": search_params,
+        "device": str(dev), "seed": seed, "ks": list(ks),
+    }
+    per_class_tables: dict[str, list[tuple[str, float]]] = {}
+    with _progress() as progress:
+        if dataset is not None:
+            if scored_cache is not None:
+                scored = _from_cache(scored_cache, dataset.keys)
+            else:
+                scored = _encode_eval_set(loaded, dataset, batch_size, workers, dev, progress)
+            info["skipped"] = scored.skipped
+            retrieval = M.retrieval_metrics(
+                scored.images, scored.texts, scored.text_image, ks=ks, index_factory=index_factory,
+                use_gpu=None, search_params=search_params, device=dev,
+                progress=progress("retrieval", len(np.unique(scored.text_image)) + len(scored.texts)),
+            )
+            results.update({f"retrieval/{k}": v for k, v in retrieval.items()})
+            results["retrieval/images"] = float(len(scored.images))
+            results["retrieval/captions"] = float(len(scored.texts))
+            results["retrieval/skipped"] = float(len(scored.skipped))
+            if teacher is not None:
+                reference = _from_cache(teacher, scored.keys)
+                rows = {key: r for r, key in enumerate(scored.keys)}
+                student = scored.subset(np.asarray([rows[k] for k in reference.keys], np.int64))
+                if not np.array_equal(student.text_image, reference.text_image):
+                    raise UserError(f"teacher cache {teacher_cache} holds other captions than the eval set")
+                fidelity = M.fidelity_metrics(student.images, student.texts, reference.images, reference.texts,
+                                              reference.text_image, k=fidelity_k, sample_size=fidelity_sample,
+                                              seed=seed)
+                results.update({f"fidelity/{k}": v for k, v in fidelity.items()})
+                results["fidelity/images"] = float(len(reference.keys))
+        for zs in zero_shot_sets:
+            zs_metrics, per_class_acc = _zero_shot(loaded, zs, batch_size, workers, dev, progress)
+            results.update({f"zeroshot/{zs.task.name}/{k}": v for k, v in zs_metrics.items()})
+            per_class_tables[zs.task.name] = list(zip(zs.classnames, per_class_acc.tolist()))
+    info["wall_seconds"] = round(time.time() - started, 3)
+
+    run = _run_labels(model, scored_cache, run_info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_json(out, results)
+    _atomic_json(out.parent / EVALUATION_INFO, info)
+    _atomic_json(out.parent / RUN_INFO, run)
+    if per_class:
+        for name, rows in per_class_tables.items():
+            _atomic_csv(out.parent / f"zeroshot_{name}_per_class.csv", ["class", "top1"], rows)
+    return results
+
+
+def _encode_eval_set(loaded, dataset, batch_size: int, workers: int, device: torch.device, progress) -> EvalEmbeddings:
+    images, kept, bad = _encode_images(loaded.model, loaded.preprocess, dataset, batch_size, workers, device,
+                                       progress("encoding images", len(dataset)))
+    order = np.argsort(kept)  # DataLoader keeps order; sort anyway so rows follow the dataset
+    images, kept = images[order], kept[order]
+    captions = [list(dataset.captions(int(i))) for i in kept]
+    texts = [c for cs in captions for c in cs]
+    text_embeddings = _encode_texts(loaded.model, loaded.tokenizer, texts, batch_size, device,
+                                    progress("encoding captions", len(texts)))
+    skipped = [{"key": dataset.keys[i], "source": dataset.source(i), "reason": reason} for i, reason in bad]
+    skipped += [{"key": r.key, "source": r.source, "reason": r.reason} for r in dataset.index_rejects]
+    return EvalEmbeddings([dataset.keys[int(i)] for i in kept], images, text_embeddings,
+                          np.repeat(np.arange(len(kept)), [len(c) for c in captions]), skipped)
+
+
+def _zero_shot(loaded, zs: _ZeroShotSet, batch_size: int, workers: int, device: torch.device,
+               progress) -> tuple[dict[str, float], np.ndarray]:
+    import open_clip
+
+    with torch.no_grad(), _autocast(device):
+        classifier = open_clip.build_zero_shot_classifier(
+            loaded.model, loaded.tokenizer, zs.classnames, zs.templates, device=device,
+        )  # [dim, classes]: per class the mean of normalised template embeddings, re-normalised
+    images, kept, bad = _encode_images(loaded.model, loaded.preprocess, zs.images, batch_size, workers, device,
+                                       progress(f"zero-shot {zs.task.name}", len(zs.images)))
+    if len(kept) == 0:
+        raise UserError(f"zero-shot set {zs.task.name}: no readable image")
+    result, per_class = M.zero_shot_metrics(images, classifier.float().T.cpu(), zs.labels[kept])
+    result["images"] = float(len(kept))
+    result["skipped"] = float(len(bad))
+    return result, per_class
+
+
+def _run_labels(model, cache, run_info: dict[str, Any] | None) -> dict[str, Any]:
+    if cache is not None:
+        teacher = cache.manifest.get("teacher", {})
+        spec = teacher.get("spec") if isinstance(teacher, dict) else None
+        name = (spec or {}).get("name") or (spec or {}).get("config") or "teacher"
+        base = {"method": "teacher", "student": str(name), "seed": None}
+    else:
+        found = _discover_run_info(model) or {}
+        base = {"method": found.get("method", "open_clip"), "student": found.get("student", _model_label(model)),
+                "seed": found.get("seed")}
+    base.update({k: v for k, v in (run_info or {}).items() if v is not None})
+    return base
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
