@@ -648,3 +648,9 @@ def _scan_tar(shard: str):
         done = finish()
         if done:
             yield done
+        # tarfile ends iteration quietly at a corrupt header after the first member; the
+        # end of a tar is zero blocks, so anything else there means samples were lost.
+        tar.fileobj.seek(tar.offset)
+        if tar.fileobj.read(512).strip(b"\0"):
+            yield (f"{Path(shard).name}@{tar.offset}", None, None,
+                   f"{BROKEN_TAR_MEMBER}: unreadable tar header at byte {tar.offset}; rest of the shard skipped")

@@ -12,13 +12,15 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from rdkd.data import DataSpec
-from rdkd.models import ModelSpec
+
+if TYPE_CHECKING:
+    from rdkd.models import ModelSpec
 
 # A tiny open_clip CLIP: fast on CPU, the same code paths as a real ViT teacher.
 TINY_CLIP_CONFIG = {
@@ -171,11 +173,29 @@ def write_parquet_dataset(root: Path, samples: Sequence[Sample], per_file: int =
                     key_column=key_column)
 
 
+class DecodedImages:
+    """A torch-style dataset decoding in DataLoader workers, as the stages do (module-level,
+    and importing no model code, so that spawned workers start fast)."""
+
+    def __init__(self, ds, size: int = 8):
+        self.ds = ds
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        image = self.ds.read_image(i).resize((self.size, self.size))
+        return torch.from_numpy(np.asarray(image).copy())
+
+
 def write_tiny_clip(root: Path, seed: int = 0, config: dict | None = None) -> ModelSpec:
     """Save a seeded random-init tiny CLIP (state_dict via torch.save) plus its config JSON."""
     import torch
 
-    from rdkd.models import load_clip
+    from rdkd.models import ModelSpec, load_clip
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
