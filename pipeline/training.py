@@ -57,6 +57,7 @@ class ImageCfg:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
 
     @classmethod
     def of_model(cls, model: torch.nn.Module) -> "ImageCfg":
@@ -71,11 +72,12 @@ class ImageCfg:
             mean=tuple(float(m) for m in cfg["mean"]),
             std=tuple(float(s) for s in cfg["std"]),
             interpolation=cfg.get("interpolation") or "bicubic",
+            resize_mode=cfg.get("resize_mode") or "shortest",
         )
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
+                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -102,10 +104,16 @@ class PairDataset(torch.utils.data.Dataset):
             self._join(data, cache)
         if len(self.entries) == 0:
             raise UserError("no usable training samples: the dataset is empty or every entry was rejected")
-        # Built lazily (and per worker): open_clip's train transform with the student's
-        # size, mean and std, and CLIP-KD's crop scale.
+        # View 0 of a cache is the teacher's open_clip eval view; the student's own eval
+        # transform shows the same region when both resize the same way, so it replays it
+        # exactly (at the student's size). Other views: the recorded crop box and flip.
+        self._eval_view0 = cache is not None and (
+            cache.manifest.get("preprocess", {}).get("resize_mode") or "shortest") == image_cfg.resize_mode
+        # Built lazily (and per worker): open_clip's train and eval transforms with the
+        # student's size, mean and std (train: CLIP-KD's crop scale).
         self._crop_scale = crop_scale
         self._augment = None
+        self._eval = None
         self._normalize = None
 
     def _join(self, data: Any, cache: Any) -> None:
@@ -166,12 +174,15 @@ class PairDataset(torch.utils.data.Dataset):
             image_row = text_row = -1
         else:
             start, count = self.image_rows[0][pos], self.image_rows[1][pos]
-            image_row = int(start + rng.integers(count))
+            view = int(rng.integers(count))
+            image_row = int(start + view)
             text_row = int(self.text_rows[0][pos] + caption_choice)
-            box, flip = self.cache.view_params(np.asarray([image_row], dtype=np.int64))
-            view = render_view(image, box[0].tolist(), bool(flip[0]), self.image_cfg.size,
-                               self.image_cfg.interpolation)
-            pixels = self._normalized(view)
+            if view == 0 and self._eval_view0:
+                pixels = self._evaluated(image)
+            else:
+                box, flip = self.cache.view_params(np.asarray([image_row], dtype=np.int64))
+                pixels = self._normalized(render_view(image, box[0].tolist(), bool(flip[0]),
+                                                      self.image_cfg.size, self.image_cfg.interpolation))
         text = self.tokenizer([captions[caption_choice]])[0]
         return {"image": pixels, "text": text, "index": index,
                 "image_row": image_row, "text_row": text_row}
@@ -188,6 +199,16 @@ class PairDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
             return self._augment(image)
+
+    def _evaluated(self, image: Image.Image) -> torch.Tensor:
+        if self._eval is None:
+            import open_clip
+
+            cfg = self.image_cfg
+            self._eval = open_clip.image_transform(
+                cfg.size, is_train=False, mean=cfg.mean, std=cfg.std,
+                interpolation=cfg.interpolation, resize_mode=cfg.resize_mode)
+        return self._eval(image)
 
     def _normalized(self, view: Image.Image) -> torch.Tensor:
         if self._normalize is None:
@@ -338,12 +359,12 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class TeacherForwardCounter:
-    """Counts calls of modules outside the trained ones (the student and the loss module).
+    """Counts calls of open_clip models outside the trained ones (student, loss module).
 
     While active, global module hooks see every module call in the process. Training from a
-    cache runs nothing but the student and the loss, so any outermost call of another module
-    (a teacher's ``encode_image`` runs its tower, ``encode_text`` its embedding and
-    transformer) is counted; a run that never touches a teacher ends with zero.
+    cache runs no open_clip model but the student, so any outermost call of another one (a
+    teacher's forward, or the tower that its ``encode_image`` / ``encode_text`` runs) is
+    counted; a run that never touches a teacher ends with zero.
     """
 
     def __init__(self, *trained: torch.nn.Module):
@@ -353,7 +374,8 @@ class TeacherForwardCounter:
         self._handles: list = []
 
     def _foreign(self, module: torch.nn.Module) -> bool:
-        return id(module) not in self._trained
+        # open_clip's models and towers only: torchvision transforms are modules too
+        return type(module).__module__.startswith("open_clip") and id(module) not in self._trained
 
     def _before(self, module: torch.nn.Module, args: Any) -> None:
         if self._foreign(module):

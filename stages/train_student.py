@@ -126,6 +126,7 @@ def train_student(
         raise UserError(f"--loss {loss} distils from a teacher: give its embedding cache with --cache")
 
     # --- student --------------------------------------------------------------------------
+    torch.manual_seed(seed)  # the random init of the student and the loss's heads
     built = create_student(student, init=None if init is None else str(init), device=torch_device)
     model, model_config, tokenizer = built.model, built.model_config, built.tokenizer
     image_cfg = ImageCfg.of_model(model)
@@ -264,13 +265,14 @@ def train_student(
                 model.logit_scale.clamp_(0, math.log(100))
 
             done = step + 1
+            loss_value = total.item()
             if log is not None:
                 seconds = time.perf_counter() - tick
                 last_record = {
-                    "step": done, "epoch": epoch, "loss": float(total),
+                    "step": done, "epoch": epoch, "loss": loss_value,
                     **{f"loss/{n}": float(v) for n, v in parts.items()},
                     "lr": step_lr,
-                    "logit_scale": float(model.logit_scale.exp()),
+                    "logit_scale": model.logit_scale.detach().exp().item(),
                     **{f"scale/{n}": float(v) for n, v in loss_module.scales().items()},
                     "samples_per_s": batch_size / seconds, "skipped": sum(skipped.values()),
                 }
@@ -278,7 +280,7 @@ def train_student(
             if done % save_every == 0 or done == total_steps:
                 next_epoch, next_in_epoch = divmod(done, steps_per_epoch)
                 last_checkpoint = checkpoint(done, next_epoch, next_in_epoch)
-            advance(float(total))
+            advance(loss_value)
 
     summary = {
         "method": loss, "student": student, "seed": seed, "steps": total_steps,
