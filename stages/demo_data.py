@@ -250,6 +250,23 @@ def _world_description(cfg: WorldConfig, profile: str) -> dict:
     }
 
 
+def _expected_files(description: dict) -> list[str]:
+    """The files world.json promises: every shard or CSV, and each zero-shot task's lists."""
+    files = []
+    for name, split in description["splits"].items():
+        if split["format"] == "webdataset":
+            files += [f"{name}/{j:05d}.tar" for j in range(split["shards"])]
+        else:
+            files.append(split["path"])
+    for task in description["zeroshot"].values():
+        files += [task["classnames"], task["templates"], task["labels_csv"]]
+    return files
+
+
+def _files_present(out: Path, description: dict) -> bool:
+    return all((out / f).is_file() for f in _expected_files(description))
+
+
 def _check_destination(out: Path, description: dict, overwrite: bool) -> bool:
     """True when ``out`` already holds this very world; raise when it holds something else."""
     if not out.exists():
@@ -264,7 +281,7 @@ def _check_destination(out: Path, description: dict, overwrite: bool) -> bool:
     except (OSError, ValueError):
         raise UserError(f"{out} exists and is not a demo world; pass --overwrite to replace it") from None
     if existing == description:
-        return True
+        return _files_present(out, description)  # same settings: rewrite only if files went missing
     raise UserError(f"{out} holds a demo world with other settings; pass --overwrite to replace it")
 
 

@@ -312,6 +312,9 @@ def test_rerun_is_a_noop_and_other_settings_need_overwrite(world, tmp_path):
     demo_data(out, "quick", workers=1, progress=False, **TINY)
     before = tree_hash(out)
     assert "seconds" not in demo_data(out, "quick", workers=1, progress=False, **TINY)
+    (out / "train/00001.tar").unlink()  # same settings but damaged: written again
+    assert "seconds" in demo_data(out, "quick", workers=1, progress=False, **TINY)
+    assert tree_hash(out) == before
     with pytest.raises(UserError, match="other settings"):
         demo_data(out, "quick", seed=3, workers=1, progress=False, **TINY)
     assert tree_hash(out) == before  # nothing lost
