@@ -268,7 +268,10 @@ def _build(spec: ModelSpec, device: str | torch.device) -> LoadedClip:
             model, train_pp, eval_pp, tokenizer = _create(resolved, device, overrides)
     except UserError:
         raise
-    except (RuntimeError, ValueError, OSError, KeyError, TypeError, EOFError) as err:
+    except Exception as err:
+        # The factory is the boundary to user-supplied files: open_clip reports a checkpoint
+        # that does not fit with RuntimeError (load_state_dict) or AssertionError (position
+        # embedding resizing), and torch.load a corrupt file with almost any exception type.
         raise UserError(_factory_error_line(spec, resolved, err)) from None
 
     weights_file = resolved.weights_file
@@ -363,11 +366,13 @@ def _hub_model_config(name: str) -> dict[str, Any]:
 
 
 def _factory_error_line(spec: ModelSpec, resolved: _Resolved, err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "loading state_dict" in str(err) or "size mismatch" in str(err) or "Missing key" in str(err):
-        return f"checkpoint {resolved.pretrained or resolved.weights_file} does not fit model {spec.describe()}: {text[:200]}"
-    if resolved.weights_file:
-        return f"cannot load checkpoint {resolved.weights_file} for model {spec.describe()}: {text[:200]}"
+    text = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
+    mismatch = ("loading state_dict", "size mismatch", "Missing key", "Unexpected key", "changed")
+    checkpoint = resolved.pretrained or resolved.weights_file
+    if checkpoint and (isinstance(err, AssertionError) or any(m in str(err) for m in mismatch)):
+        return f"checkpoint {checkpoint} does not fit model {spec.describe()}: {text[:200]}"
+    if checkpoint:
+        return f"cannot load checkpoint {checkpoint} for model {spec.describe()}: {text[:200]}"
     return f"cannot create model {spec.describe()}: {text[:200]}"
 
 
