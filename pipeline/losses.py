@@ -47,6 +47,10 @@ INIT_SCALE = math.log(1 / 0.07)
 # CLIP's cap on exp(logit_scale).
 MAX_SCALE = 100.0
 
+Tensor = torch.Tensor
+# A multiplier of similarities: a Python number or a 0-dim tensor (learnable or not).
+Scale = torch.Tensor | float
+
 
 # ---------------------------------------------------------------------------------------
 # Building blocks
@@ -140,11 +144,11 @@ class Scales:
     ``student`` = s, ``teacher`` = tau, ``img`` = a_I, ``txt`` = a_T, ``cross`` = a_X.
     """
 
-    student: torch.Tensor | float | None = None
-    teacher: torch.Tensor | float | None = None
-    img: torch.Tensor | float | None = None
-    txt: torch.Tensor | float | None = None
-    cross: torch.Tensor | float | None = None
+    student: Scale | None = None
+    teacher: Scale | None = None
+    img: Scale | None = None
+    txt: Scale | None = None
+    cross: Scale | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,12 +206,12 @@ def _soft_target(rel: Relations, sc: Scales) -> torch.Tensor:
 # The public reference API: one pure function per term.
 
 
-def clip_task(s_img: torch.Tensor, s_txt: torch.Tensor, s_scale) -> torch.Tensor:
+def clip_task(s_img: Tensor, s_txt: Tensor, s_scale: Scale) -> Tensor:
     """CLIP's contrastive task loss 1/2 [CE(s S_I S_T^T) + CE(s S_T S_I^T)]."""
     return _task(Relations(None, None, s_img, s_txt), Scales(student=s_scale))
 
 
-def crd(t_img, t_txt, s_img, s_txt, t_scale, s_scale) -> torch.Tensor:
+def crd(t_img: Tensor, t_txt: Tensor, s_img: Tensor, s_txt: Tensor, t_scale: Scale, s_scale: Scale) -> Tensor:
     """CLIP-KD's contrastive relational distillation (CRD, also "HRD").
 
     1/2 [KL(tau T_I T_T^T -> s S_I S_T^T) + KL(tau T_T T_I^T -> s S_T S_I^T)]; ``s_*`` are S.
@@ -215,17 +219,19 @@ def crd(t_img, t_txt, s_img, s_txt, t_scale, s_scale) -> torch.Tensor:
     return _crd(Relations(t_img, t_txt, s_img, s_txt), Scales(student=s_scale, teacher=t_scale))
 
 
-def fd(t_img, t_txt, s_img, s_txt) -> torch.Tensor:
+def fd(t_img: Tensor, t_txt: Tensor, s_img: Tensor, s_txt: Tensor) -> Tensor:
     """Feature distillation MSE(P_I, T_I) + MSE(P_T, T_T); ``s_*`` are P."""
     return _fd(Relations(t_img, t_txt, p_img=s_img, p_txt=s_txt), Scales())
 
 
-def icl(t_img, t_txt, s_img, s_txt, scale_cross) -> torch.Tensor:
+def icl(t_img: Tensor, t_txt: Tensor, s_img: Tensor, s_txt: Tensor, scale_cross: Scale) -> Tensor:
     """Interactive contrastive learning 1/2 [CE(a_X P_I T_T^T) + CE(a_X P_T T_I^T)]; ``s_*`` are P."""
     return _icl(Relations(t_img, t_txt, p_img=s_img, p_txt=s_txt), Scales(cross=scale_cross))
 
 
-def vrd(t_img, t_txt, s_img, s_txt, scale_img, scale_txt) -> torch.Tensor:
+def vrd(
+    t_img: Tensor, t_txt: Tensor, s_img: Tensor, s_txt: Tensor, scale_img: Scale, scale_txt: Scale
+) -> Tensor:
     """Vertical relational distillation: the KL part plus both intra-modal CE parts.
 
     With M_I = a_I T_I P_I^T and M_T = a_T T_T P_T^T (``s_*`` are P):
@@ -236,7 +242,7 @@ def vrd(t_img, t_txt, s_img, s_txt, scale_img, scale_txt) -> torch.Tensor:
     )
 
 
-def xrd(t_img, t_txt, s_img, s_txt, scale_cross) -> torch.Tensor:
+def xrd(t_img: Tensor, t_txt: Tensor, s_img: Tensor, s_txt: Tensor, scale_cross: Scale) -> Tensor:
     """Cross relational distillation, a symmetric KL between A = a_X T_I P_T^T and B = a_X T_T P_I^T.
 
     1/4 [KL(B -> A) + KL(A -> B) + KL(B^T -> A^T) + KL(A^T -> B^T)]; ``s_*`` are P.
@@ -244,7 +250,9 @@ def xrd(t_img, t_txt, s_img, s_txt, scale_cross) -> torch.Tensor:
     return _xrd(Relations(t_img, t_txt, p_img=s_img, p_txt=s_txt), Scales(cross=scale_cross))
 
 
-def soft_target_kd(t_img, t_txt, s_img, s_txt, t_scale, s_scale) -> torch.Tensor:
+def soft_target_kd(
+    t_img: Tensor, t_txt: Tensor, s_img: Tensor, s_txt: Tensor, t_scale: Scale, s_scale: Scale
+) -> Tensor:
     """open_clip's ``DistillClipLoss`` distillation part.
 
     1/2 [softCE(tau T_I T_T^T -> s S_I S_T^T) + softCE(tau T_T T_I^T -> s S_T S_I^T)] with
@@ -256,7 +264,9 @@ def soft_target_kd(t_img, t_txt, s_img, s_txt, t_scale, s_scale) -> torch.Tensor
     )
 
 
-def affinity_mimic(t_img, t_txt, s_img, s_txt, t_scale, s_scale) -> torch.Tensor:
+def affinity_mimic(
+    t_img: Tensor, t_txt: Tensor, s_img: Tensor, s_txt: Tensor, t_scale: Scale, s_scale: Scale
+) -> Tensor:
     """TinyCLIP's affinity mimicking (Wu et al., ICCV 2023).
 
     The student's image-to-text and text-to-image affinity distributions (row softmaxes of
@@ -482,6 +492,7 @@ class DistillLoss(nn.Module):
         with torch.autocast(device_type=s_img.device.type, enabled=False):
             s_img, s_txt, t_img, t_txt = (_at_least_float32(x) for x in (s_img, s_txt, t_img, t_txt))
             p_img, p_txt = self.project(s_img, s_txt) if self.needs_projection else (None, None)
+            self._check_shapes(t_img, t_txt, s_img, s_txt, p_img)
             rel = Relations(t_img, t_txt, s_img, s_txt, p_img, p_txt)
             log_s = torch.as_tensor(s_logit_scale, device=s_img.device).to(s_img.dtype)
             scales = Scales(
@@ -498,6 +509,19 @@ class DistillLoss(nn.Module):
                 components[name] = value.detach()
                 total = total + value
         return total, components
+
+    def _check_shapes(self, t_img, t_txt, s_img, s_txt, p_img) -> None:
+        rows = {tuple(x.shape[:1]) for x in (t_img, t_txt, s_img, s_txt) if x is not None}
+        if len(rows) > 1 or s_img.ndim != 2 or s_txt.shape != s_img.shape:
+            raise ValueError(
+                "the loss needs [N, d] embeddings with one row per pair on every side; got "
+                + ", ".join(f"{n} {tuple(x.shape)}" for n, x in
+                            (("t_img", t_img), ("t_txt", t_txt), ("s_img", s_img), ("s_txt", s_txt))
+                            if x is not None))
+        if p_img is not None and t_img is not None and p_img.shape[1] != t_img.shape[1]:
+            raise ValueError(
+                f"student dim {p_img.shape[1]} != teacher dim {t_img.shape[1]}: build the loss "
+                f"with student_dim and teacher_dim so it creates projection heads")
 
     def extra_repr(self) -> str:
         terms = ", ".join(f"{k}={v:g}" for k, v in self.weights.items())

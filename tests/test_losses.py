@@ -433,3 +433,11 @@ def test_state_dict_round_trip():
         "head_img.weight", "head_img.bias", "head_txt.weight", "head_txt.bias",
         "scale_img", "scale_txt", "scale_cross",
     }
+
+
+def test_mismatched_shapes_get_a_clear_error():
+    t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs(d_s=4)
+    with pytest.raises(ValueError, match="student_dim and teacher_dim"):
+        losses.DistillLoss.from_preset("fd").double()(t_img, t_txt, s_img, s_txt, log_s, tau)
+    with pytest.raises(ValueError, match="one row per pair"):
+        losses.DistillLoss.from_preset("clip")(None, None, s_img, s_txt[:3], log_s)
