@@ -306,6 +306,13 @@ TERMS: dict[str, Term] = {
     )
 }
 
+# The presets of the paper brief, plus three baselines:
+# - distill: open_clip's DistillClipLoss (task + soft targets, both weight 1);
+# - tinyclip: TinyCLIP's affinity mimicking alone (its default distillation_alpha=1 drops the
+#   task loss);
+# - mobileclip: MobileCLIP's reinforced-data loss with one teacher, (1 - lambda) task +
+#   lambda KL(teacher -> student) at the teacher's fixed temperature (the cache's), which is
+#   CRD; lambda = 0.75 here, `task=0, crd=1` gives lambda = 1.
 _CLIPKD = {"task": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0}
 PRESETS: dict[str, dict[str, float]] = {
     "clip": {"task": 1.0},
@@ -318,6 +325,7 @@ PRESETS: dict[str, dict[str, float]] = {
     "cliprd": {**_CLIPKD, "vrd": 1.0, "xrd": 1.0},
     "distill": {"task": 1.0, "soft_target": 1.0},
     "tinyclip": {"affinity": 1.0},
+    "mobileclip": {"task": 0.25, "crd": 0.75},
 }
 
 

@@ -274,6 +274,7 @@ def test_presets_compose_the_brief_table():
     assert losses.weights_for("cliprd") == {**clipkd, "vrd": 1.0, "xrd": 1.0}
     assert losses.weights_for("distill") == {"task": 1.0, "soft_target": 1.0}
     assert losses.weights_for("tinyclip") == {"affinity": 1.0}
+    assert losses.weights_for("mobileclip") == {"task": 0.25, "crd": 0.75}
 
 
 def test_overrides_change_add_and_remove_terms():
