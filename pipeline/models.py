@@ -29,11 +29,14 @@ import contextlib
 import difflib
 import hashlib
 import json
+import logging
 import os
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -55,9 +58,11 @@ class ModelSpec:
     config: str | None = None
 
     def describe(self) -> str:
-        """A short human-readable form for messages: ``ViT-L-14/openai``."""
+        """A short form for messages: ``ViT-L-14/openai``; a checkpoint path is left out."""
         base = self.name or (Path(self.config).name if self.config else "?")
-        return f"{base}/{self.pretrained}" if self.pretrained else base
+        if self.pretrained and not _looks_like_path(self.pretrained):
+            return f"{base}/{self.pretrained}"
+        return base
 
     def to_dict(self) -> dict[str, str | None]:
         return asdict(self)
@@ -211,10 +216,13 @@ def _resolve(spec: ModelSpec) -> _Resolved:
     if Path(pretrained).is_file():
         return _Resolved(name, pretrained, cfg, {}, pretrained, False)
     tags = open_clip.list_pretrained_tags_by_model(name)
-    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-    if looks_like_path or not tags:
+    if _looks_like_path(pretrained) or not tags:
         raise UserError(f"checkpoint not found: {pretrained}")
     raise UserError(f"{name} has no pretrained tag {pretrained!r} (known: {', '.join(tags)})")
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"))
 
 
 def _read_config_json(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -301,10 +309,23 @@ def _build(spec: ModelSpec, device: str | torch.device) -> LoadedClip:
 
 
 def _create(resolved: _Resolved, device, overrides):
-    model, train_pp, eval_pp = open_clip.create_model_and_transforms(
-        resolved.name, pretrained=resolved.pretrained, device=device, **overrides)
-    tokenizer = open_clip.get_tokenizer(resolved.name)
+    with _quiet_open_clip():
+        model, train_pp, eval_pp = open_clip.create_model_and_transforms(
+            resolved.name, pretrained=resolved.pretrained, device=device, **overrides)
+        tokenizer = open_clip.get_tokenizer(resolved.name)
     return model, train_pp, eval_pp, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs failed download attempts and "initialized randomly" on the root logger;
+    rdkd reports both itself (a one-line error; ``info["weights_file"]`` is None)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 def _create_from_hub(spec: ModelSpec, resolved: _Resolved, device, overrides):
@@ -320,6 +341,10 @@ def _create_from_hub(spec: ModelSpec, resolved: _Resolved, device, overrides):
         if hub.is_offline_mode():
             raise UserError(f"model {spec.describe()} needs a download from the hub and this machine is offline "
                             f"(HF_HUB_OFFLINE is set, no cached copy); pass a local checkpoint") from None
+        unreachable = _hub_unreachable(hub.ENDPOINT)
+        if unreachable:
+            raise UserError(f"model {spec.describe()} needs a download from the hub and this machine is offline "
+                            f"({unreachable}, no cached copy); pass a local checkpoint") from None
     try:
         return _create(resolved, device, overrides)
     except (RuntimeError, ValueError, OSError) as err:
@@ -327,6 +352,21 @@ def _create_from_hub(spec: ModelSpec, resolved: _Resolved, device, overrides):
             raise UserError(f"model {spec.describe()} needs a download from the hub and it failed "
                             f"(offline? no cached copy); pass a local checkpoint") from None
         raise
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached, or None. huggingface_hub retries a failed connection
+    with backoff for about 25 s per file; one quick connection attempt first answers at once.
+    Behind a proxy the direct attempt says nothing, so it is skipped."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host} unreachable: {err.strerror or type(err).__name__}"
+    return None
 
 
 @contextlib.contextmanager
@@ -367,9 +407,10 @@ def _hub_model_config(name: str) -> dict[str, Any]:
 
 def _factory_error_line(spec: ModelSpec, resolved: _Resolved, err: BaseException) -> str:
     text = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
-    mismatch = ("loading state_dict", "size mismatch", "Missing key", "Unexpected key", "changed")
+    mismatch = ("loading state_dict", "size mismatch", "Missing key", "Unexpected key")
     checkpoint = resolved.pretrained or resolved.weights_file
-    if checkpoint and (isinstance(err, AssertionError) or any(m in str(err) for m in mismatch)):
+    if checkpoint and (isinstance(err, AssertionError)
+                       or (isinstance(err, RuntimeError) and any(m in str(err) for m in mismatch))):
         return f"checkpoint {checkpoint} does not fit model {spec.describe()}: {text[:200]}"
     if checkpoint:
         return f"cannot load checkpoint {checkpoint} for model {spec.describe()}: {text[:200]}"

@@ -85,6 +85,42 @@ def test_spec_that_needs_a_download_fails_offline_in_one_line(spec, monkeypatch)
     assert "needs a download" in message and "offline" in message and "\n" not in message
 
 
+@pytest.mark.timeout(60)
+def test_unreachable_hub_fails_at_once_without_retries(monkeypatch, tmp_path):
+    # Not marked offline, but the Hub cannot be reached (".invalid" never resolves): one
+    # connection attempt answers, instead of huggingface_hub's ~25 s of retries per file.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://rdkd-test.invalid")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(UserError, match="needs a download from the hub and this machine is offline "
+                                        r"\(rdkd-test.invalid unreachable"):
+        load_clip(ModelSpec("hf-hub:someone/some-clip"))
+
+
+def test_hf_hub_spec_loads_from_the_local_cache_offline(tiny_teacher, tmp_path, monkeypatch):
+    # A Hub repo as huggingface_hub caches it (refs/main -> snapshot), holding an export.
+    import huggingface_hub.constants
+
+    teacher = load_clip(tiny_teacher)
+    snapshot = tmp_path / "models--someone--tiny-clip" / "snapshots" / ("0" * 40)
+    export_clip(teacher.model, teacher.model_config, snapshot)
+    (tmp_path / "models--someone--tiny-clip" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-clip" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    # Not marked offline, and no Hub to reach: the cached copy is used without the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://rdkd-test.invalid")
+    cached = load_clip(ModelSpec("hf-hub:someone/tiny-clip"))
+    image = make_image(2)
+    assert torch.equal(embed(cached, image)[0], embed(teacher, image)[0])
+    assert cached.weights_sha256 == file_sha256(snapshot / "open_clip_model.safetensors")
+    assert cached.model_config == teacher.model_config
+
+
 def test_bad_specs_are_user_errors(tiny_teacher, tiny_clip_config, tmp_path):
     with pytest.raises(UserError, match=r"unknown open_clip model 'ViT-B-33' \(did you mean"):
         load_clip(ModelSpec("ViT-B-33"))
