@@ -19,8 +19,9 @@ def print_info(path: Path, console: Console | None = None) -> None:
     """A table of the manifest: teacher, preprocessing, views, dataset, counts and sizes."""
     cache = TeacherCache.open(path)
     m = cache.manifest
-    teacher, pre, views, counts = m["teacher"], m["preprocess"], m["views"], m["counts"]
-    spec = teacher["spec"]
+    # .get: a manifest written by an older or foreign writer may lack descriptive fields
+    teacher, pre, views, counts = m.get("teacher", {}), m.get("preprocess", {}), m.get("views", {}), m["counts"]
+    spec = teacher.get("spec", {})
     model = spec.get("name") or spec.get("config")
     weights = spec.get("pretrained") or "(random init)"
     size_bytes = sum(s[kind]["bytes"] for s in m["shards"] for kind in ("images", "texts"))
@@ -29,23 +30,25 @@ def print_info(path: Path, console: Console | None = None) -> None:
     table.add_column("value")
     rows = [
         ("cache id", m["cache_id"]),
-        ("format", f"{m['format']} v{m['format_version']} (rdkd {m['rdkd_version']})"),
+        ("format", f"{m['format']} v{m['format_version']} (rdkd {m.get('rdkd_version', '?')})"),
         ("teacher", f"{model} / {weights}"),
-        ("weights sha256", teacher["weights_sha256"]),
-        ("logit scale", f"{teacher['logit_scale']:.4g}"),
-        ("embeddings", f"dim {m['dim']}, stored as {m['storage_dtype']}, L2-normalised; computed in {m['precision']}"),
+        ("weights sha256", teacher.get("weights_sha256", "?")),
+        ("logit scale", f"{cache.logit_scale:.4g}"),
+        ("embeddings", f"dim {m['dim']}, stored as {m['storage_dtype']}, L2-normalised; "
+                       f"computed in {m.get('precision', '?')}"),
         ("preprocess", f"{pre.get('size')} px, {pre.get('resize_mode')}, {pre.get('interpolation')}, "
                        f"mean {pre.get('mean')}, std {pre.get('std')}"),
-        ("views", f"{views['count']} per image (view 0: eval view"
-                  + (f"; others: crop scale {views['scale']}, flip p {views['flip_prob']}, seed {views['seed']})"
-                     if views["count"] > 1 else ")")),
-        ("tokenizer", f"{m['tokenizer']['name']}, context length {m['tokenizer']['context_length']}"),
-        ("dataset", f"{m['dataset']['path']} ({m['dataset']['format']})"),
+        ("views", f"{cache.views} per image (view 0: eval view"
+                  + (f"; others: crop scale {views.get('scale')}, flip p {views.get('flip_prob')}, "
+                     f"seed {views.get('seed')})" if cache.views > 1 else ")")),
+        ("tokenizer", f"{m.get('tokenizer', {}).get('name')}, "
+                      f"context length {m.get('tokenizer', {}).get('context_length')}"),
+        ("dataset", f"{m['dataset'].get('path')} ({m['dataset'].get('format')})"),
         ("dataset fingerprint", m["dataset"]["fingerprint"]),
         ("images", f"{counts['images']:,} ({counts['image_rows']:,} view rows)"),
         ("captions", f"{counts['captions']:,}"),
         ("rejects", f"{counts['rejects']:,}"),
-        ("shards", f"{len(m['shards'])} ({m['layout']['shard_by']}), {_mib(size_bytes)} of embeddings"),
+        ("shards", f"{len(m['shards'])} ({m.get('layout', {}).get('shard_by', '?')}), {_mib(size_bytes)}"),
     ]
     for name, value in rows:
         table.add_row(name, str(value))

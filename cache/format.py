@@ -129,6 +129,21 @@ def embedding_array(values: np.ndarray, storage_dtype: str) -> pa.FixedSizeListA
     return pa.FixedSizeListArray.from_arrays(flat, dim)
 
 
+def numeric_view(array: pa.Array) -> np.ndarray:
+    """Zero-copy numpy view of a primitive Arrow array without nulls.
+
+    Built on the data buffer directly: ``Array.to_numpy`` reads every page of a memory-mapped
+    buffer, which would pull a whole shard or index into memory.
+    """
+    if array.null_count:
+        raise ValueError("numeric_view needs an array without nulls")
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    data = array.buffers()[1]
+    if data is None or len(array) == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer(data, dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
 def embedding_view(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Zero-copy [n, dim] numpy view of one chunk of an embedding column (storage dtype)."""
     if isinstance(column, pa.ChunkedArray):
@@ -136,8 +151,9 @@ def embedding_view(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
             raise ValueError("embedding column must be a single chunk for a zero-copy view")
         column = column.chunk(0)
     dim = column.type.list_size
+    # .values ignores the list array's own offset; slice the child to this array's rows
     values = column.values.slice(column.offset * dim, len(column) * dim)
-    return values.to_numpy(zero_copy_only=True).reshape(len(column), dim)
+    return numeric_view(values).reshape(len(column), dim)
 
 
 def sha256_bytes(data: bytes | memoryview | pa.Buffer) -> str:

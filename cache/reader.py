@@ -123,7 +123,7 @@ class TeacherCache:
         if any(index.column(name).num_chunks != 1 for name in index.column_names):
             index = index.combine_chunks()
         # zero-copy views of the mapped index columns; searchsorted runs on the mapped hashes
-        self._index = {name: index.column(name).chunk(0).to_numpy(zero_copy_only=True)
+        self._index = {name: fmt.numeric_view(index.column(name).chunk(0))
                        for name in index.column_names} if index.num_rows else \
             {field.name: np.zeros(0, dtype=field.type.to_pandas_dtype()) for field in fmt.INDEX_SCHEMA}
         self._hashes = self._index["key_hash"]
@@ -300,7 +300,7 @@ class TeacherCache:
         if self.images.num_rows != counts["image_rows"]:
             problems.append(f"images: {self.images.num_rows} rows, manifest says {counts['image_rows']}")
         if self.texts.num_rows != counts["captions"]:
-            problems.append(f"texts: {self.texts.num_rows} rows, manifest says {counts['captions']}")
+            problems.append(f"captions: {self.texts.num_rows} text rows, manifest says {counts['captions']}")
         if len(self._hashes) != counts["images"]:
             problems.append(f"{fmt.INDEX}: {len(self._hashes)} keys, manifest says {counts['images']}")
         if self.images.num_rows != counts["images"] * self.views:

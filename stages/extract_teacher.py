@@ -349,6 +349,13 @@ def _remove_cache(root: Path) -> None:
             path.unlink()
 
 
+def _remove_stale_temporaries(root: Path) -> None:
+    """Temporary files of a killed run (never renamed into place, so never read)."""
+    for folder in (fmt.IMAGES_DIR, fmt.TEXTS_DIR, fmt.PARTS_DIR):
+        for tmp in (root / folder).glob(".part-*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
 def _resolve_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -453,6 +460,7 @@ def extract_teacher(
             _remove_cache(root)
         elif not resume:
             (root / fmt.MANIFEST).unlink(missing_ok=True)
+        _remove_stale_temporaries(root)
     distributed.barrier()
     if action == "complete":  # --no-resume: recompute every shard
         action = "resume"
