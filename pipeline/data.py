@@ -44,7 +44,6 @@ import csv
 import hashlib
 import io
 import os
-import sys
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -72,6 +71,7 @@ CAPTION_NOT_UTF8 = "caption not UTF-8"
 BROKEN_TAR_MEMBER = "broken tar member"
 NO_IMAGE = "no image in sample"
 NO_CAPTION = "no caption in sample"
+MALFORMED_ROW = "malformed CSV row"
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ class CsvDataset(Dataset):
         root = path.parent
         # surrogateescape keeps undecodable bytes so that they can be reported per caption
         # instead of failing the whole file.
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.reader(f, delimiter=spec.separator)
             header = next(reader, None)
             if header is None:
@@ -271,7 +271,9 @@ class CsvDataset(Dataset):
                 if not row:
                     continue
                 if len(row) <= max(image_col, caption_col, key_col or 0):
-                    raise UserError(f"dataset {spec.path} line {reader.line_num}: fewer columns than the header")
+                    rejects.append(Reject(f"line {reader.line_num}", str(path),
+                                          f"{MALFORMED_ROW}: {len(row)} columns, the header has {len(header)}"))
+                    continue
                 rel = os.path.normpath(row[image_col].strip())
                 caption_raw = row[caption_col]
                 entry = entry_of_path.get(rel)
@@ -358,7 +360,7 @@ class WebDataset(Dataset):
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self._ranges = ranges
-        self._open_shard: tuple[int, io.BufferedReader] | None = None
+        self._open_shard: tuple[int, int] | None = None  # (shard, file descriptor), per process
         super().__init__(spec, keys, captions, sources, rejects, drops)
 
     @property
@@ -371,17 +373,18 @@ class WebDataset(Dataset):
 
     def read_image_bytes(self, i: int) -> bytes:
         shard = int(self._shard_of[i])
-        if self._open_shard is None or self._open_shard[0] != shard:
-            if self._open_shard is not None:
-                self._open_shard[1].close()
+        opened = self._open_shard
+        if opened is None or opened[0] != shard:
             try:
-                self._open_shard = (shard, open(self._shards[shard], "rb"))
+                opened = (shard, os.open(self._shards[shard], os.O_RDONLY))
             except OSError as err:
                 raise SampleError(f"tar shard unreadable: {err.strerror or err}") from None
-        f = self._open_shard[1]
-        f.seek(int(self._offsets[i]))
+            if self._open_shard is not None:
+                os.close(self._open_shard[1])
+            self._open_shard = opened
         size = int(self._sizes[i])
-        data = f.read(size)
+        # pread: one system call, no file position to keep between reads.
+        data = os.pread(opened[1], size, int(self._offsets[i]))
         if len(data) != size:
             raise SampleError(f"{BROKEN_TAR_MEMBER}: image member truncated")
         return data

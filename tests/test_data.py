@@ -204,6 +204,15 @@ def test_csv_rejects_and_caption_drops(tmp_path, samples):
         ds.read_image_bytes(1)  # missing files surface at read time, not while indexing
 
 
+def test_csv_short_row_is_rejected_and_bom_is_ignored(tmp_path, samples):
+    (tmp_path / "a.jpg").write_bytes(samples[0].data)
+    path = tmp_path / "d.tsv"
+    path.write_bytes("\ufefffilepath\ttitle\n".encode() + b"a.jpg\tfine\njust-one-column\n")
+    ds = open_dataset(DataSpec(str(path)))
+    assert ds.keys == [path_key("a.jpg")]
+    assert [(r.key, r.reason) for r in ds.index_rejects] == [("line 3", "malformed CSV row: 1 columns, the header has 2")]
+
+
 def test_webdataset_bad_samples(tmp_path, samples):
     good = samples[:4]
     members = [m for s in good[:2] for m in sample_members(s)]
