@@ -224,6 +224,13 @@ def test_soft_target_kd_and_affinity_mimic(batch):
           (si, st, s))
 
 
+def test_clip_task_equals_open_clip_clip_loss(batch):
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    _, _, si, st = batch
+    s = torch.tensor(14.3, dtype=torch.float64)
+    torch.testing.assert_close(losses.clip_task(si, st, s), open_clip_loss.ClipLoss()(si, st, s), **TOL)
+
+
 def test_soft_target_equals_open_clip_distill_clip_loss(batch):
     open_clip_loss = pytest.importorskip("open_clip.loss")
     ti, tt, si, st = batch
