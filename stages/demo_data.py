@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import json
 import multiprocessing
@@ -67,10 +68,6 @@ def _render_job(cfg: WorldConfig, job: _Job) -> list[Sample]:
     if job.kind == "split":
         return [demo_world.make_sample(cfg, job.name, i, job.captions) for i in range(job.start, job.stop)]
     return [demo_world.make_zeroshot_sample(cfg, job.name, job.label, i) for i in range(job.start, job.stop)]
-
-
-def _render_job_star(args: tuple[WorldConfig, _Job]) -> list[Sample]:
-    return _render_job(*args)
 
 
 def resolve_config(profile: str = "demo", **overrides) -> WorldConfig:
@@ -116,7 +113,7 @@ def _rendered(cfg: WorldConfig, jobs: Sequence[_Job], workers: int) -> Iterator[
     # spawn: workers need only numpy and PIL, and must not inherit a parent's torch threads.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(_render_job_star, [(cfg, job) for job in jobs])
+        yield from pool.map(functools.partial(_render_job, cfg), jobs)
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
