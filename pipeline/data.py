@@ -20,11 +20,11 @@ Conventions (what each format means by "one image with several captions" and by 
   clip_benchmark's webdataset conversions do) go on separate lines. ``KEY.json`` is not
   read. Shards may be given as a brace pattern (``shards/{00000..00099}.tar``), one
   ``.tar`` file, or a folder of ``.tar`` files (sorted by name).
-- **Parquet** (a file or a folder of ``*.parquet``): one row per image, an image-bytes
+- **Parquet** (a file, or a folder searched recursively for ``*.parquet``): one row per image, an image-bytes
   column (binary, or a struct with a ``bytes`` field as Hugging Face ``datasets`` writes
   images) and a caption column (a string, or a list of strings for several captions).
   The key is the ``key_column`` if given, else a ``key`` column when the file has one
-  (img2dataset's), else the row-derived ``<file stem>:<row>``: stable while the files are
+  (img2dataset's), else the row-derived ``<file path in the folder, no suffix>:<row>``: stable while the files are
   unchanged, and free (a content hash would need every image read at indexing time).
 
 Bad samples: problems visible from the index (duplicate key, empty or non-UTF-8 caption,
@@ -108,7 +108,7 @@ class DataSpec:
             return "parquet"
         folder = Path(path)
         if folder.is_dir():
-            if any(folder.glob("*.parquet")):
+            if any(folder.rglob("*.parquet")):
                 return "parquet"
             if any(folder.glob("*.tar")):
                 return "webdataset"
@@ -399,7 +399,7 @@ class ParquetDataset(Dataset):
 
         path = Path(spec.path)
         if path.is_dir():
-            files = sorted(str(p) for p in path.glob("*.parquet"))
+            files = sorted(str(p) for p in path.rglob("*.parquet"))
             if not files:
                 raise UserError(f"dataset folder {spec.path} holds no .parquet files")
         elif path.is_file():
@@ -430,7 +430,7 @@ class ParquetDataset(Dataset):
             if self._image_column not in (None, image_col):
                 raise UserError(f"Parquet files of {spec.path} disagree on the image column")
             self._image_column = image_col
-            stem = Path(file).stem
+            stem = str(Path(file).relative_to(path).with_suffix("")) if path.is_dir() else Path(file).stem
             row = 0
             for group in range(pf.num_row_groups):
                 columns = [caption_col] + ([key_col] if key_col else [])

@@ -95,6 +95,9 @@ def parse_model_spec(model: str | None, pretrained: str | None = None) -> ModelS
     """
     if not model:
         raise UserError("no model given; pass an open_clip model name, hf-hub:org/name or a model-config .json")
+    if model.lower().endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
+        raise UserError(f"{model} is a checkpoint file, not a model: name the model (open_clip name or "
+                        f"config .json) and pass the checkpoint as its weights (--pretrained / --init)")
     if model.lower().endswith(".json"):
         if not Path(model).is_file():
             raise UserError(f"model config not found: {model}")

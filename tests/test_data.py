@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 import struct
 import tarfile
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from builders import (DecodedImages, Sample, image_bytes, make_image, sample_members, standard_samples, write_csv_dataset,
+from builders import (DecodedImages, Sample, image_bytes, make_image, sample_members, write_csv_dataset,
                       write_parquet_dataset, write_tar, write_wds_dataset)
 from rdkd.data import DataSpec, decode_image, open_dataset
 from rdkd.errors import SampleError, UserError
@@ -122,6 +121,10 @@ def test_parquet_variants(tmp_path, samples):
     assert ds.keys[:2] == ["part-00000:0", "part-00000:1"] and ds.keys[7] == "part-00001:0"
     assert ds.captions(0) == samples[0].captions[:1]
     assert ds.read_image_bytes(11) == samples[11].data
+    # Nested folders (Hugging Face layout): found recursively, keys carry the relative path.
+    write_parquet_dataset(tmp_path / "n" / "data", samples[:2], key_column=None)
+    ds = open_dataset(DataSpec(str(tmp_path / "n")))
+    assert ds.keys == ["data/part-00000:0", "data/part-00000:1"]
     # Hugging Face datasets' image struct {bytes, path}, one file given directly.
     table = pa.table({
         "image": pa.array([{"bytes": s.data, "path": None} for s in samples[:3]],

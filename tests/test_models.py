@@ -67,6 +67,8 @@ def test_parse_model_spec(tmp_path, tiny_clip_config):
     assert parse_model_spec(str(tmp_path)) == ModelSpec(name=f"local-dir:{tmp_path}")
     with pytest.raises(UserError, match="model config not found"):
         parse_model_spec(str(tmp_path / "nope.json"))
+    with pytest.raises(UserError, match="is a checkpoint file, not a model"):
+        parse_model_spec(str(tmp_path / "w.pt"))
     with pytest.raises(UserError, match="brings its own weights"):
         parse_model_spec("hf-hub:laion/x", "openai")
     assert ModelSpec(name="ViT-L-14", pretrained="openai").describe() == "ViT-L-14/openai"
