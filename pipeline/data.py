@@ -152,8 +152,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise SampleError(f"image too large: {err}") from None
     except UnidentifiedImageError:
         raise SampleError("not an image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise SampleError(f"truncated or corrupt image: {err}") from None
+    except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error, ...) on bad bytes
+        raise SampleError(f"truncated or corrupt image: {err or type(err).__name__}") from None
     return to_rgb(image)
 
 
@@ -184,6 +184,7 @@ class Dataset:
     """
 
     format: str
+    _per_process_state: tuple[str, ...] = ()  # attributes not pickled: file handles, read caches
 
     def __init__(self, spec: DataSpec, keys: list[str], captions: list[tuple[str, ...]],
                  sources: list[str], rejects: list[Reject], caption_drops: list[Reject]):
@@ -228,8 +229,6 @@ class Dataset:
         for name in self._per_process_state:
             state[name] = None
         return state
-
-    _per_process_state: tuple[str, ...] = ()
 
 
 class CsvDataset(Dataset):
