@@ -330,7 +330,9 @@ def _check_output(root: Path, cache_id: str, overwrite: bool) -> str:
     return "resume"
 
 
-def _check_writable(root: Path, rank: int) -> None:
+def _check_writable(root: Path, rank: int) -> bool:
+    """Create ``root`` if needed and check a file can be written there; True if it was created."""
+    created = not root.exists()
     probe = root / f".rdkd-write-probe-{rank}"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -338,6 +340,7 @@ def _check_writable(root: Path, rank: int) -> None:
         probe.unlink()
     except OSError as err:
         raise UserError(f"cannot write to output {root}: {err.strerror or err}") from None
+    return created
 
 
 def _remove_cache(root: Path) -> None:
@@ -441,17 +444,23 @@ def extract_teacher(
 
     dataset = open_dataset(data)
     root = Path(output) if output is not None else default_output(data, teacher)
-    _check_writable(root, rank)
-    loaded = load_clip(teacher, device=torch_device)
-    ranges = shard_ranges(dataset, rows_per_shard)
-    header = _cache_header(loaded, dataset, data, ranges, rows_per_shard, views, storage_dtype, precision)
-    cache_id = header["cache_id"]
+    created = _check_writable(root, rank)
+    try:
+        loaded = load_clip(teacher, device=torch_device)
+        ranges = shard_ranges(dataset, rows_per_shard)
+        header = _cache_header(loaded, dataset, data, ranges, rows_per_shard, views, storage_dtype, precision)
+        cache_id = header["cache_id"]
+        action = _check_output(root, cache_id, overwrite)  # every rank decides the same, before any change
+    except UserError:
+        if created and rank == 0:  # leave no empty folder behind a run that never started
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        raise
 
     total_entries = len(dataset) + len(dataset.index_rejects)
     allowed_rejects = math.floor(max_reject_fraction * total_entries)
     index_rejects = [{"key": r.key, "source": r.source, "reason": r.reason} for r in dataset.index_rejects]
 
-    action = _check_output(root, cache_id, overwrite)  # every rank decides the same, before any change
     distributed.barrier()
     if action == "complete" and resume:
         return _summary_of_complete(root, time.perf_counter(), rank)
