@@ -283,7 +283,8 @@ def train_student(
             advance(loss_value)
 
     summary = {
-        "method": loss, "student": student, "seed": seed, "steps": total_steps,
+        "method": loss, "student": _student_label(student), "student_spec": student,
+        "init": str(init) if init is not None else None, "seed": seed, "steps": total_steps,
         "epochs": total_steps / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
         "global_batch": batch_size, "world_size": dist.world_size, "lr": lr,
         "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
@@ -353,8 +354,13 @@ def _verify_cache(cache: Any, full: bool | None) -> None:
                         f"run `rdkd cache verify {cache.root}` or extract it again")
 
 
+def _student_label(student: str) -> str:
+    """A short name for reports: the config file's stem or the open_clip model name."""
+    return Path(student).stem if student.lower().endswith(".json") else student
+
+
 def _run_name(student: str, loss: str, seed: int) -> str:
-    return f"{Path(student).stem if student.endswith('.json') else student}-{loss}-seed{seed}"
+    return f"{_student_label(student).replace('/', '-')}-{loss}-seed{seed}"
 
 
 def _find_checkpoint(path: Path) -> Path:

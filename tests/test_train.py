@@ -104,7 +104,8 @@ def test_clip_without_cache_trains_and_loss_falls(tmp_path, csv_dataset, tiny_cl
     assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.2
     assert summary["teacher_forwards"] == 0 and summary["cache"] is None
     run_json = json.loads((run / "run.json").read_text())
-    assert {"method": "clip", "student": str(tiny_clip_config), "seed": 0, "steps": 24}.items() <= run_json.items()
+    assert {"method": "clip", "student": "tiny-clip", "student_spec": str(tiny_clip_config),
+            "seed": 0, "steps": 24, "teacher_forwards": 0}.items() <= run_json.items()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000024.pt"]
     assert list((run / "logs" / "tb").glob("events.out.tfevents.*"))
 
