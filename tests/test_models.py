@@ -60,6 +60,17 @@ def test_load_is_deterministic_and_equals_plain_open_clip(tiny_teacher, tmp_path
         assert torch.equal(model.encode_text(tokenizer(CAPTIONS)), first[1])
 
 
+def test_open_clip_training_checkpoint_loads(tiny_teacher, tmp_path):
+    # What open_clip's trainer saves (epoch_N.pt): a dict with a DDP-prefixed state_dict.
+    state = torch.load(tiny_teacher.pretrained)
+    checkpoint = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in state.items()}}, checkpoint)
+    image = make_image(4)
+    direct = embed(load_clip(tiny_teacher), image)
+    loaded = embed(load_clip(ModelSpec(config=tiny_teacher.config, pretrained=str(checkpoint))), image)
+    assert torch.equal(direct[0], loaded[0]) and torch.equal(direct[1], loaded[1])
+
+
 def test_parse_model_spec(tmp_path, tiny_clip_config):
     assert parse_model_spec("ViT-L-14", "openai") == ModelSpec(name="ViT-L-14", pretrained="openai")
     assert parse_model_spec(str(tiny_clip_config), "w.pt") == ModelSpec(config=str(tiny_clip_config), pretrained="w.pt")
