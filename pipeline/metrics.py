@@ -18,8 +18,9 @@ at most ``score_budget_bytes`` of scores, never the full similarity matrix.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -31,6 +32,9 @@ TIE_TOLERANCE = 1e-6
 DEFAULT_KS = (1, 5, 10)
 _SCORE_BUDGET_BYTES = 256 * 2**20
 _BEYOND = np.iinfo(np.int64).max
+# FAISS's exact CPU search multiplies 4096-query blocks by 1024-row gallery blocks by default;
+# 4096-row gallery blocks (64 MiB of scores) cost ~20% fewer CPU seconds (bench/retrieval_faiss.py).
+_FLAT_DATABASE_BLOCK = 4096
 
 
 def as_normalized(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -123,6 +127,17 @@ def _faiss_reason(err: RuntimeError) -> str:
     return text.split(": ", 1)[-1] if " at /" in text else text
 
 
+@contextlib.contextmanager
+def _blas_database_blocks(rows: int) -> Iterator[None]:
+    """Let exact CPU search multiply query blocks against ``rows`` gallery rows at a time."""
+    previous = faiss.cvar.distance_compute_blas_database_bs
+    faiss.cvar.distance_compute_blas_database_bs = rows
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_database_bs = previous
+
+
 def search(
     index: GalleryIndex,
     queries: np.ndarray,
@@ -138,11 +153,12 @@ def search(
     k = max(1, min(k, index.size)) if index.size else 1
     scores = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
-    for start in range(0, len(queries), chunk_size):
-        stop = min(start + chunk_size, len(queries))
-        scores[start:stop], ids[start:stop] = index.index.search(queries[start:stop], k)
-        if progress is not None:
-            progress(stop - start)
+    with _blas_database_blocks(_FLAT_DATABASE_BLOCK):
+        for start in range(0, len(queries), chunk_size):
+            stop = min(start + chunk_size, len(queries))
+            scores[start:stop], ids[start:stop] = index.index.search(queries[start:stop], k)
+            if progress is not None:
+                progress(stop - start)
     scores[ids < 0] = -np.inf
     return scores, ids
 

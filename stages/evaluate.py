@@ -7,7 +7,8 @@ What can be scored (exactly one):
   third-party open_clip model, encoded on the fly (batched, DataLoader workers, autocast on
   CUDA);
 - a teacher cache (``cache=``): its stored rows (view 0, the teacher's eval view) are scored
-  as they are, with nothing recomputed.
+  as they are, with nothing recomputed: the images of ``data`` (whose fingerprint must match
+  the cache's), or every image of the cache when no ``data`` is given.
 
 What is measured:
 
@@ -444,7 +445,7 @@ def evaluate(
     started = time.time()
     if (model is None) == (cache is None):
         raise UserError("evaluate needs exactly one of a model or --cache")
-    if data is None and not zeroshot:
+    if data is None and cache is None and not zeroshot:
         raise UserError("nothing to evaluate: give an eval dataset (--data) and/or zero-shot tasks (--zeroshot)")
     if cache is not None and zeroshot:
         raise UserError("zero-shot classification needs a model (a cache has no text encoder for class prompts)")
@@ -485,9 +486,9 @@ def evaluate(
     }
     per_class_tables: dict[str, list[tuple[str, float]]] = {}
     with _progress() as progress:
-        if dataset is not None:
-            if scored_cache is not None:
-                scored = _from_cache(scored_cache, dataset.keys)
+        if dataset is not None or scored_cache is not None:
+            if scored_cache is not None:  # without a dataset: every image of the cache
+                scored = _from_cache(scored_cache, dataset.keys if dataset is not None else None)
             else:
                 scored = _encode_eval_set(loaded, dataset, batch_size, workers, dev, progress)
             info["skipped"] = scored.skipped

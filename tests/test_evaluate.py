@@ -92,6 +92,8 @@ def test_cache_scores_like_the_model_it_holds(tmp_path, csv_dataset, teacher_cac
     for key, value in from_cache.items():
         assert value == pytest.approx(from_model[key], abs=1e-9), key
     assert json.loads((tmp_path / "run.json").read_text())["method"] == "teacher"
+    whole_cache = evaluate(tmp_path / "all" / "m.json", cache=teacher_cache, device="cpu")
+    assert whole_cache == pytest.approx(from_cache)  # the cache holds exactly the eval set
 
 
 def test_retrieval_matches_direct_encoding(csv_dataset, tiny_teacher, teacher_scored):
