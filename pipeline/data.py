@@ -20,7 +20,8 @@ Conventions (what each format means by "one image with several captions" and by 
   clip_benchmark's webdataset conversions do) go on separate lines. ``KEY.json`` is not
   read. Shards may be given as a brace pattern (``shards/{00000..00099}.tar``), one
   ``.tar`` file, or a folder of ``.tar`` files (sorted by name).
-- **Parquet** (a file, or a folder searched recursively for ``*.parquet``): one row per image, an image-bytes
+- **Parquet** (a file, a brace pattern of files, or a folder searched recursively for
+  ``*.parquet``): one row per image, an image-bytes
   column (binary, or a struct with a ``bytes`` field as Hugging Face ``datasets`` writes
   images) and a caption column (a string, or a list of strings for several captions).
   The key is the ``key_column`` if given, else a ``key`` column when the file has one
@@ -100,12 +101,12 @@ class DataSpec:
             return self.format
         path = str(self.path)
         lower = path.lower()
+        if lower.endswith(".parquet"):  # one file or a brace pattern of files
+            return "parquet"
         if "{" in path or lower.endswith(".tar"):
             return "webdataset"
         if lower.endswith((".csv", ".tsv")):
             return "csv"
-        if lower.endswith(".parquet"):
-            return "parquet"
         folder = Path(path)
         if folder.is_dir():
             if any(folder.rglob("*.parquet")):
@@ -401,10 +402,11 @@ class ParquetDataset(Dataset):
             files = sorted(str(p) for p in path.rglob("*.parquet"))
             if not files:
                 raise UserError(f"dataset folder {spec.path} holds no .parquet files")
-        elif path.is_file():
-            files = [str(path)]
         else:
-            raise UserError(f"dataset not found: {spec.path}")
+            files = list(braceexpand.braceexpand(str(spec.path)))
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise UserError(f"dataset not found: {missing[0]}")
         self._files = files
 
         keys: list[str] = []

@@ -125,6 +125,10 @@ def test_parquet_variants(tmp_path, samples):
     write_parquet_dataset(tmp_path / "n" / "data", samples[:2], key_column=None)
     ds = open_dataset(DataSpec(str(tmp_path / "n")))
     assert ds.keys == ["data/part-00000:0", "data/part-00000:1"]
+    # A brace pattern of Parquet files.
+    pattern = DataSpec(str(tmp_path / "a" / "part-{00000..00001}.parquet"))
+    assert pattern.resolved_format() == "parquet"
+    assert open_dataset(pattern).keys == open_dataset(DataSpec(spec.path)).keys
     # Hugging Face datasets' image struct {bytes, path}, one file given directly.
     table = pa.table({
         "image": pa.array([{"bytes": s.data, "path": None} for s in samples[:3]],
