@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
 import typer
 from dvc.repo import Repo
@@ -36,11 +35,11 @@ def _rdkd_args(cmd: str) -> list[str]:
     raise AssertionError(f"no rdkd command in {cmd!r}")
 
 
-def _parse(args: list[str]) -> click.Context:
+def _parse(args: list[str]) -> None:
     group = typer.main.get_command(app)
     name, rest = args[0], args[1:]
     assert name in group.commands, f"no command rdkd {name}"
-    return group.commands[name].make_context(name, rest)
+    group.commands[name].make_context(name, rest)
 
 
 @pytest.mark.parametrize("pipeline_dir", [REPO, REPO / "experiments/paper"], ids=["demo", "paper"])
@@ -50,8 +49,8 @@ def test_every_stage_command_parses(pipeline_dir: Path) -> None:
     for address, cmd in commands.items():
         try:
             _parse(_rdkd_args(cmd))
-        except click.ClickException as err:  # pragma: no cover - the message is the point
-            pytest.fail(f"{address}: {err.format_message()} in {cmd!r}")
+        except Exception as err:  # typer's click raises its own usage errors
+            pytest.fail(f"{address}: {err} in {cmd!r}")
 
 
 def test_paper_pipeline_uses_the_papers_setting() -> None:
