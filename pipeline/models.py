@@ -25,12 +25,14 @@ says so. Cached copies are used without touching the network.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import difflib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -253,10 +255,10 @@ def _register_config(cfg: dict[str, Any], stem: str) -> str:
         return name
     if _REGISTERED_DIR is None:
         _REGISTERED_DIR = tempfile.mkdtemp(prefix="rdkd-model-configs-")
+        atexit.register(shutil.rmtree, _REGISTERED_DIR, ignore_errors=True)
+    # open_clip's registry is filled from files: add_model_config(path) reads them by stem.
     path = Path(_REGISTERED_DIR) / f"{name}.json"
     path.write_text(json.dumps(cfg))
-    # open_clip keeps registered configs in memory; registering the file alone avoids
-    # rescanning every earlier one.
     open_clip.add_model_config(path)
     return name
 
