@@ -44,12 +44,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import multiprocessing
 import os
 import tarfile
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import braceexpand
 import numpy as np
@@ -324,7 +326,7 @@ class WebDataset(Dataset):
     format = "webdataset"
     _per_process_state = ("_open_shard",)
 
-    def __init__(self, spec: DataSpec):
+    def __init__(self, spec: DataSpec, workers: int | None = None):
         self._shards = _expand_shards(spec.path)
         keys: list[str] = []
         captions: list[tuple[str, ...]] = []
@@ -334,9 +336,10 @@ class WebDataset(Dataset):
         seen: set[str] = set()
         shard_of, offsets, sizes = [], [], []
         ranges: list[range] = []
-        for shard_index, shard in enumerate(self._shards):
+        scans = _scan_shards(self._shards, workers)
+        for shard_index, (shard, scanned) in enumerate(zip(self._shards, scans)):
             start = len(keys)
-            for key, image, caption_member, problem in _scan_tar(shard):
+            for key, image, caption_member, problem in scanned:
                 if problem:
                     rejects.append(Reject(key, shard, problem))
                     continue
@@ -490,13 +493,18 @@ class ParquetDataset(Dataset):
         return bytes(value)
 
 
-def open_dataset(spec: DataSpec) -> Dataset:
-    """Index a dataset (captions and image locations; no image bytes are read)."""
+def open_dataset(spec: DataSpec, workers: int | None = None) -> Dataset:
+    """Index a dataset (captions and image locations; no image bytes are read).
+
+    ``workers``: processes that scan webdataset shards in parallel (tarfile parses every
+    member header in Python, the cost of indexing CC3M-size shard sets). None: one per CPU,
+    up to 16, when there are at least 8 shards; 0 or 1: in this process.
+    """
     fmt = spec.resolved_format()
     if fmt == "csv":
         return CsvDataset(spec)
     if fmt == "webdataset":
-        return WebDataset(spec)
+        return WebDataset(spec, workers=workers)
     return ParquetDataset(spec)
 
 
@@ -585,6 +593,24 @@ def _expand_shards(path: str) -> list[str]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"dataset shard not found: {missing[0]}{more}")
     return shards
+
+
+def _scan_shards(shards: list[str], workers: int | None) -> Iterator[list]:
+    """The samples of each shard (see :func:`_scan_tar`), in shard order."""
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(cpus, 16, len(shards)) if len(shards) >= 8 else 0
+    if workers <= 1:
+        yield from (list(_scan_tar(shard)) for shard in shards)
+        return
+    # spawn: the caller may hold CUDA or threads, which a fork would copy unsafely.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield from pool.map(_scan_tar_list, shards)
+
+
+def _scan_tar_list(shard: str) -> list:
+    return list(_scan_tar(shard))
 
 
 def _scan_tar(shard: str):

@@ -101,6 +101,16 @@ def test_webdataset_brace_pattern_and_shard_ranges(tmp_path, samples):
         open_dataset(DataSpec(spec.path.replace("00002", "00003")))
 
 
+def test_webdataset_parallel_scan_equals_sequential(tmp_path, samples):
+    bad = [Sample("000005", samples[0].data, ("a duplicate key in another shard",))]
+    spec = write_wds_dataset(tmp_path, samples + bad, per_shard=3)  # 5 shards
+    one, pool = open_dataset(spec, workers=0), open_dataset(spec, workers=2)
+    assert pool.keys == one.keys and pool.fingerprint == one.fingerprint
+    assert pool.shard_ranges == one.shard_ranges and pool.index_rejects == one.index_rejects
+    assert [(r.key, r.reason) for r in pool.index_rejects] == [("000005", "duplicate key")]
+    assert pool.read_image_bytes(10) == samples[10].data
+
+
 def test_webdataset_reads_members_in_any_order_and_skips_extras(tmp_path, samples):
     members = []
     for s in samples[:3]:
