@@ -64,6 +64,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # 2**27 pixels (e.g. 11585 x 11585) is far above any training image and far below what
 # exhausts memory when decoded (3 bytes per pixel: ~400 MB).
 DEFAULT_MAX_PIXELS = 2**27
+# Below this much shard data, starting scan processes costs more than it saves.
+PARALLEL_SCAN_MIN_BYTES = 256 * 2**20
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "webp")
 PARQUET_CAPTION_COLUMNS = ("title", "caption", "text", "txt")
 
@@ -497,8 +499,9 @@ def open_dataset(spec: DataSpec, workers: int | None = None) -> Dataset:
     """Index a dataset (captions and image locations; no image bytes are read).
 
     ``workers``: processes that scan webdataset shards in parallel (tarfile parses every
-    member header in Python, the cost of indexing CC3M-size shard sets). None: one per CPU,
-    up to 16, when there are at least 8 shards; 0 or 1: in this process.
+    member header in Python, the cost of indexing CC3M-size shard sets). None: one per CPU
+    (shared among torchrun's local ranks), up to 16, for 8+ shards holding 256 MiB or
+    more; 0 or 1: in this process.
     """
     fmt = spec.resolved_format()
     if fmt == "csv":
@@ -599,7 +602,9 @@ def _scan_shards(shards: list[str], workers: int | None) -> Iterator[list]:
     """The samples of each shard (see :func:`_scan_tar`), in shard order."""
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(cpus, 16, len(shards)) if len(shards) >= 8 else 0
+        cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks share the CPUs
+        big = len(shards) >= 8 and sum(os.path.getsize(s) for s in shards) >= PARALLEL_SCAN_MIN_BYTES
+        workers = min(cpus, 16, len(shards)) if big else 0
     if workers <= 1:
         yield from (list(_scan_tar(shard)) for shard in shards)
         return
