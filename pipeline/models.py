@@ -305,7 +305,8 @@ def _build(spec: ModelSpec, device: str | torch.device) -> LoadedClip:
         "logit_scale": logit_scale,
         "embed_dim": embed_dim,
         "preprocess": preprocess_cfg,
-        "tokenizer": type(tokenizer).__name__,
+        # SimpleTokenizer (CLIP BPE), SigLipTokenizer, or the Hugging Face tokenizer's name.
+        "tokenizer": model_config.get("text_cfg", {}).get("hf_tokenizer_name") or type(tokenizer).__name__,
         "context_length": context_length,
         "model_config": model_config,
     }

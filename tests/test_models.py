@@ -41,6 +41,7 @@ def test_tiny_teacher_loads_with_its_own_preprocessing(tiny_teacher):
     info = loaded.info
     assert info["spec"] == {"name": None, "pretrained": tiny_teacher.pretrained, "config": tiny_teacher.config}
     assert info["preprocess"]["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
+    assert info["tokenizer"] == "SimpleTokenizer" and info["context_length"] == 16
     json.dumps(info)  # manifests store it as JSON
 
 
