@@ -77,6 +77,7 @@ BROKEN_TAR_MEMBER = "broken tar member"
 NO_IMAGE = "no image in sample"
 NO_CAPTION = "no caption in sample"
 MALFORMED_ROW = "malformed CSV row"
+EMPTY_PATH = "empty image path"
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,9 @@ class CsvDataset(Dataset):
                 if len(row) <= max(image_col, caption_col, key_col or 0):
                     rejects.append(Reject(f"line {reader.line_num}", str(path),
                                           f"{MALFORMED_ROW}: {len(row)} columns, the header has {len(header)}"))
+                    continue
+                if not row[image_col].strip():
+                    rejects.append(Reject(f"line {reader.line_num}", str(path), EMPTY_PATH))
                     continue
                 rel = os.path.normpath(row[image_col].strip())
                 caption_raw = row[caption_col]

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 import builders  # noqa: E402
-from builders import make_image  # noqa: E402,F401  (re-exported for tests)
 
 
 @pytest.fixture(scope="session")

@@ -221,13 +221,14 @@ def test_csv_rejects_and_caption_drops(tmp_path, samples):
         ds.read_image_bytes(1)  # missing files surface at read time, not while indexing
 
 
-def test_csv_short_row_is_rejected_and_bom_is_ignored(tmp_path, samples):
+def test_csv_short_row_and_empty_path_are_rejected_and_bom_is_ignored(tmp_path, samples):
     (tmp_path / "a.jpg").write_bytes(samples[0].data)
     path = tmp_path / "d.tsv"
-    path.write_bytes("\ufefffilepath\ttitle\n".encode() + b"a.jpg\tfine\njust-one-column\n")
+    path.write_bytes("\ufefffilepath\ttitle\n".encode() + b"a.jpg\tfine\njust-one-column\n\tno path\n")
     ds = open_dataset(DataSpec(str(path)))
     assert ds.keys == [path_key("a.jpg")]
-    assert [(r.key, r.reason) for r in ds.index_rejects] == [("line 3", "malformed CSV row: 1 columns, the header has 2")]
+    assert [(r.key, r.reason) for r in ds.index_rejects] == [
+        ("line 3", "malformed CSV row: 1 columns, the header has 2"), ("line 4", "empty image path")]
 
 
 def test_webdataset_bad_samples(tmp_path, samples):
