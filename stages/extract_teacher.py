@@ -65,8 +65,8 @@ class ExtractSummary:
     captions: int
     rejects: int
     shards_done: int  # shards this call computed (0 when the cache was already complete)
-    seconds: float
-    images_per_second: float
+    seconds: float  # extracting and writing shards, index and manifest (setup excluded)
+    images_per_second: float  # images through the teacher by this process / seconds
 
 
 # --- inputs: one torch Dataset over the rdkd dataset ----------------------------------------
@@ -482,7 +482,6 @@ def extract_teacher(
     images_done = _run_shards(root, dataset, loaded, todo, ranges, cache_id, header, batch_size, workers,
                               torch_device, precision, storage_dtype, views, progress and rank == 0,
                               len(index_rejects), allowed_rejects, total_entries, max_reject_fraction, world)
-    seconds = time.perf_counter() - start
 
     distributed.barrier()
     parts = [writer.read_part(root, j) for j in range(len(ranges))]
@@ -499,6 +498,7 @@ def extract_teacher(
     distributed.barrier()
     if manifest is None:
         manifest = json.loads((root / fmt.MANIFEST).read_text(encoding="utf-8"))
+    seconds = time.perf_counter() - start  # shards, index and manifest; not indexing or model loading
     summary = ExtractSummary(
         output=root,
         manifest=manifest,
@@ -554,45 +554,70 @@ def _run_shards(root, dataset, loaded, todo, ranges, cache_id, header, batch_siz
     autocast = (torch.autocast("cuda", dtype=_AUTOCAST_DTYPE[precision]) if precision != "fp32"
                 else contextlib.nullcontext())
     model = loaded.model
-    rejects_seen = index_reject_count
-    images_done = 0
     keys = dataset.keys
+    counts = {"images": 0, "rejects": index_reject_count}
+
+    def forward(batch: _Batch):
+        """Start the teacher on a batch; the embeddings come back to the host asynchronously."""
+        if not batch.indices:
+            return None
+        with torch.inference_mode(), autocast:
+            image_emb = model.encode_image(batch.pixels.to(device, non_blocking=True))
+            text_emb = model.encode_text(batch.tokens.to(device, non_blocking=True))
+            image_emb = F.normalize(image_emb.float(), dim=-1).to("cpu", non_blocking=True)
+            text_emb = F.normalize(text_emb.float(), dim=-1).to("cpu", non_blocking=True)
+        done = None
+        if device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return image_emb, text_emb, done
+
+    def finish(batch: _Batch, result, bar, task) -> None:
+        """Store a batch's rows in its shard buffer; write the shard when it is complete."""
+        first = batch.indices[0] if batch.indices else batch.rejects[0][0]
+        shard = live[int(np.searchsorted(live_starts, first, side="right")) - 1]
+        buf = buffers[shard]
+        for index, reason in batch.rejects:
+            buf.rejects.append({"key": keys[index], "source": dataset.source(index), "reason": reason})
+        if result is not None:
+            image_emb, text_emb, done = result
+            if done is not None:
+                done.synchronize()
+            k = views.count
+            for index, count in zip(batch.indices, batch.caption_counts):
+                buf.image_keys.extend([keys[index]] * k)
+                buf.text_keys.extend([keys[index]] * count)
+                buf.captions.extend(dataset.captions(index))
+                buf.caption_index.append(np.arange(count, dtype=np.int16))
+            buf.views.append(np.tile(np.arange(k, dtype=np.int16), len(batch.indices)))
+            buf.crops.append(batch.crops)
+            buf.flips.append(batch.flips)
+            buf.image_emb.append(fmt.to_storage(image_emb.numpy(), storage_dtype))
+            buf.text_emb.append(fmt.to_storage(text_emb.numpy(), storage_dtype))
+        n = len(batch.indices) + len(batch.rejects)
+        buf.seen += n
+        counts["images"] += len(batch.indices)
+        counts["rejects"] += len(batch.rejects)
+        bar.advance(task, n)
+        if buf.complete:
+            buffers.pop(shard).write(root, cache_id, dim, storage_dtype)
+            # One process knows the run can no longer meet the threshold: stop now, keep what
+            # is written (under torchrun the check waits for all ranks, at the end).
+            if world == 1 and counts["rejects"] > allowed_rejects:
+                raise _too_many_rejects(root, counts["rejects"], total_entries, max_reject_fraction, partial=True)
+
     with _progress(show_progress) as bar:
         task = bar.add_task("extract", total=sum(len(ranges[j]) for j in live))
+        pending = None
+        # One batch of lag: batch i is stored and written while the device runs batch i+1.
         for batch in loader:
-            first = batch.indices[0] if batch.indices else batch.rejects[0][0]
-            shard = live[int(np.searchsorted(live_starts, first, side="right")) - 1]
-            buf = buffers[shard]
-            for index, reason in batch.rejects:
-                buf.rejects.append({"key": keys[index], "source": dataset.source(index), "reason": reason})
-            if batch.indices:
-                with torch.inference_mode(), autocast:
-                    image_emb = model.encode_image(batch.pixels.to(device, non_blocking=True))
-                    text_emb = model.encode_text(batch.tokens.to(device, non_blocking=True))
-                image_emb = fmt.to_storage(F.normalize(image_emb.float(), dim=-1).cpu().numpy(), storage_dtype)
-                text_emb = fmt.to_storage(F.normalize(text_emb.float(), dim=-1).cpu().numpy(), storage_dtype)
-                k = views.count
-                for index, count in zip(batch.indices, batch.caption_counts):
-                    buf.image_keys.extend([keys[index]] * k)
-                    buf.text_keys.extend([keys[index]] * count)
-                    buf.captions.extend(dataset.captions(index))
-                    buf.caption_index.append(np.arange(count, dtype=np.int16))
-                buf.views.append(np.tile(np.arange(k, dtype=np.int16), len(batch.indices)))
-                buf.crops.append(batch.crops)
-                buf.flips.append(batch.flips)
-                buf.image_emb.append(image_emb)
-                buf.text_emb.append(text_emb)
-            n = len(batch.indices) + len(batch.rejects)
-            buf.seen += n
-            images_done += len(batch.indices)
-            rejects_seen += len(batch.rejects)
-            bar.advance(task, n)
-            if buf.complete:
-                buffers.pop(shard).write(root, cache_id, dim, storage_dtype)
-                # One process knows the run can no longer meet the threshold: stop now, keep what
-                # is written (under torchrun the check waits for all ranks, at the end).
-                if world == 1 and rejects_seen > allowed_rejects:
-                    raise _too_many_rejects(root, rejects_seen, total_entries, max_reject_fraction, partial=True)
+            result = forward(batch)
+            if pending is not None:
+                finish(*pending, bar, task)
+            pending = (batch, result)
+        if pending is not None:
+            finish(*pending, bar, task)
+    images_done = counts["images"]
     return images_done
 
 
