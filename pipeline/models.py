@@ -188,6 +188,7 @@ class _Resolved:
     preprocess_overrides: dict[str, Any]
     weights_file: str | None  # a local file known before loading, else None
     needs_hub: bool  # weights or config come through the Hugging Face cache / a download
+    force_quick_gelu: bool = False
 
 
 def _resolve(spec: ModelSpec) -> _Resolved:
@@ -216,8 +217,14 @@ def _resolve(spec: ModelSpec) -> _Resolved:
     pretrained = spec.pretrained
     if not pretrained:
         return _Resolved(name, None, cfg, {}, None, False)
-    if open_clip.get_pretrained_cfg(name, pretrained):
-        return _Resolved(name, pretrained, cfg, {}, None, True)
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
+        # open_clip 3 only warns when a tag was trained with QuickGELU and the model config
+        # says GELU (ViT-L-14 + openai): the weights would run with the wrong activation.
+        quick_gelu = bool(tag_cfg.get("quick_gelu")) and not cfg.get("quick_gelu", False)
+        if quick_gelu:
+            cfg = {**cfg, "quick_gelu": True}
+        return _Resolved(name, pretrained, cfg, {}, None, True, force_quick_gelu=quick_gelu)
     if Path(pretrained).is_file():
         return _Resolved(name, pretrained, cfg, {}, pretrained, False)
     tags = open_clip.list_pretrained_tags_by_model(name)
@@ -269,6 +276,7 @@ def _register_config(cfg: dict[str, Any], stem: str) -> str:
 def _build(spec: ModelSpec, device: str | torch.device) -> LoadedClip:
     resolved = _resolve(spec)
     overrides = {
+        "force_quick_gelu": resolved.force_quick_gelu,
         "image_mean": resolved.preprocess_overrides.get("mean"),
         "image_std": resolved.preprocess_overrides.get("std"),
         "image_interpolation": resolved.preprocess_overrides.get("interpolation"),

@@ -99,6 +99,40 @@ def test_spec_that_needs_a_download_fails_offline_in_one_line(spec, monkeypatch)
     assert "needs a download" in message and "offline" in message and "\n" not in message
 
 
+def fake_hub_repo(cache: Path, repo: str, loaded) -> Path:
+    """A Hub repo as huggingface_hub caches it (refs/main -> snapshot), holding an export."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("0" * 40)
+    export_clip(loaded.model, loaded.model_config, snapshot)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    return snapshot
+
+
+def test_pretrained_tag_loads_from_cache_with_the_tags_activation(tiny_teacher, tmp_path, monkeypatch):
+    # A tag resolved as open_clip resolves ViT-L-14 + openai: weights from the Hub cache,
+    # trained with QuickGELU while the model config says GELU.
+    import huggingface_hub.constants
+    from open_clip import pretrained as oc_pretrained
+
+    teacher = load_clip(tiny_teacher)
+    snapshot = fake_hub_repo(tmp_path / "hub", "someone/tiny-tagged", teacher)
+    config = tmp_path / "rdkd-tiny-tagged.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    monkeypatch.setitem(oc_pretrained._PRETRAINED, "rdkd-tiny-tagged",
+                        {"tinytag": oc_pretrained._pcfg(hf_hub="someone/tiny-tagged/", quick_gelu=True)})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    tagged = load_clip(ModelSpec("rdkd-tiny-tagged", "tinytag"))
+    assert isinstance(tagged.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.model.QuickGELU)
+    assert tagged.model_config["quick_gelu"] is True
+    assert tagged.weights_sha256 == file_sha256(snapshot / "open_clip_model.safetensors")
+    assert state_dict_sha256(tagged.model) == state_dict_sha256(teacher.model)  # same weights
+    image = make_image(9)
+    assert not torch.allclose(embed(tagged, image)[0], embed(teacher, image)[0])  # other activation
+
+
 @pytest.mark.timeout(60)
 def test_unreachable_hub_fails_at_once_without_retries(monkeypatch, tmp_path):
     # Not marked offline, but the Hub cannot be reached (".invalid" never resolves): one
@@ -116,14 +150,10 @@ def test_unreachable_hub_fails_at_once_without_retries(monkeypatch, tmp_path):
 
 
 def test_hf_hub_spec_loads_from_the_local_cache_offline(tiny_teacher, tmp_path, monkeypatch):
-    # A Hub repo as huggingface_hub caches it (refs/main -> snapshot), holding an export.
     import huggingface_hub.constants
 
     teacher = load_clip(tiny_teacher)
-    snapshot = tmp_path / "models--someone--tiny-clip" / "snapshots" / ("0" * 40)
-    export_clip(teacher.model, teacher.model_config, snapshot)
-    (tmp_path / "models--someone--tiny-clip" / "refs").mkdir()
-    (tmp_path / "models--someone--tiny-clip" / "refs" / "main").write_text("0" * 40)
+    snapshot = fake_hub_repo(tmp_path, "someone/tiny-clip", teacher)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     # Not marked offline, and no Hub to reach: the cached copy is used without the network.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
