@@ -79,6 +79,9 @@ NO_CAPTION = "no caption in sample"
 MALFORMED_ROW = "malformed CSV row"
 EMPTY_PATH = "empty image path"
 
+# Separators as people type them on a command line.
+SEPARATOR_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -244,73 +247,27 @@ class CsvDataset(Dataset):
         path = Path(spec.path)
         if not path.is_file():
             raise UserError(f"dataset not found: {spec.path}")
-        root = path.parent
+        separator = SEPARATOR_NAMES.get(spec.separator, spec.separator)
+        if len(separator) != 1:
+            raise UserError(f"CSV separator must be one character (or tab, comma), not {spec.separator!r}")
+        # Captions longer than the csv module's default 128 KiB field limit are still captions.
+        csv.field_size_limit(2**31 - 1)
         # surrogateescape keeps undecodable bytes so that they can be reported per caption
         # instead of failing the whole file.
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.reader(f, delimiter=spec.separator)
-            header = next(reader, None)
-            if header is None:
-                raise UserError(f"dataset {spec.path} is empty (no header row)")
-            columns = {name.strip(): i for i, name in enumerate(header)}
-            wanted = [spec.image_column, spec.caption_column] + ([spec.key_column] if spec.key_column else [])
-            missing = [c for c in wanted if c not in columns]
-            if missing:
-                sep = {"\t": "tab", ",": "comma"}.get(spec.separator, repr(spec.separator))
-                raise UserError(
-                    f"dataset {spec.path} has no column {missing[0]!r} (separator {sep}; "
-                    f"header: {spec.separator.join(header)[:120]!r})"
-                )
-            image_col, caption_col = columns[spec.image_column], columns[spec.caption_column]
-            key_col = columns[spec.key_column] if spec.key_column else None
+            reader = csv.reader(f, delimiter=separator)
+            try:
+                keys, caption_lists, paths, rejects, drops = _index_csv_rows(spec, path, reader)
+            except csv.Error as err:
+                raise UserError(f"dataset {spec.path} line {reader.line_num}: {err}") from None
 
-            entry_of_path: dict[str, int] = {}
-            entry_of_key: dict[str, int] = {}
-            key_list: list[str] = []
-            caption_lists: list[list[str]] = []
-            paths: list[str] = []
-            rejects: list[Reject] = []
-            drops: list[tuple[int, Reject]] = []
-            rejected_paths: set[str] = set()
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) <= max(image_col, caption_col, key_col or 0):
-                    rejects.append(Reject(f"line {reader.line_num}", str(path),
-                                          f"{MALFORMED_ROW}: {len(row)} columns, the header has {len(header)}"))
-                    continue
-                if not row[image_col].strip():
-                    rejects.append(Reject(f"line {reader.line_num}", str(path), EMPTY_PATH))
-                    continue
-                rel = os.path.normpath(row[image_col].strip())
-                caption_raw = row[caption_col]
-                entry = entry_of_path.get(rel)
-                if entry is None:
-                    if rel in rejected_paths:
-                        continue
-                    key = row[key_col].strip() if key_col is not None else _path_key(rel)
-                    if key in entry_of_key:
-                        rejects.append(Reject(key, str(root / rel), DUPLICATE_KEY))
-                        rejected_paths.add(rel)
-                        continue
-                    entry = len(key_list)
-                    entry_of_path[rel] = entry
-                    entry_of_key[key] = entry
-                    key_list.append(key)
-                    caption_lists.append([])
-                    paths.append(rel)
-                caption, problem = _clean_caption(caption_raw)
-                if problem:
-                    drops.append((entry, Reject(key_list[entry], str(root / rel), problem)))
-                else:
-                    caption_lists[entry].append(caption)
-
+        root = path.parent
         keep = _drop_captionless(caption_lists, drops, rejects)
         self._root = str(root)
         self._paths = [paths[i] for i in keep]
         super().__init__(
             spec,
-            [key_list[i] for i in keep],
+            [keys[i] for i in keep],
             [tuple(caption_lists[i]) for i in keep],
             [str(root / p) for p in self._paths],
             rejects,
@@ -497,6 +454,65 @@ class ParquetDataset(Dataset):
         if value is None:
             raise SampleError("empty image file")
         return bytes(value)
+
+
+def _index_csv_rows(spec: DataSpec, path: Path, reader):
+    """Group CSV rows by image path: (keys, caption lists, paths, rejects, caption drops)."""
+    root = path.parent
+    separator = reader.dialect.delimiter
+    header = next(reader, None)
+    if header is None:
+        raise UserError(f"dataset {spec.path} is empty (no header row)")
+    columns = {name.strip(): i for i, name in enumerate(header)}
+    wanted = [spec.image_column, spec.caption_column] + ([spec.key_column] if spec.key_column else [])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        sep = {"\t": "tab", ",": "comma"}.get(separator, repr(separator))
+        raise UserError(f"dataset {spec.path} has no column {missing[0]!r} (separator {sep}; "
+                        f"header: {separator.join(header)[:120]!r})")
+    image_col, caption_col = columns[spec.image_column], columns[spec.caption_column]
+    key_col = columns[spec.key_column] if spec.key_column else None
+
+    entry_of_path: dict[str, int] = {}
+    known_keys: set[str] = set()
+    keys: list[str] = []
+    caption_lists: list[list[str]] = []
+    paths: list[str] = []
+    rejects: list[Reject] = []
+    drops: list[tuple[int, Reject]] = []
+    rejected_paths: set[str] = set()
+    for row in reader:
+        if not row:
+            continue
+        if len(row) <= max(image_col, caption_col, key_col or 0):
+            rejects.append(Reject(f"line {reader.line_num}", str(path),
+                                  f"{MALFORMED_ROW}: {len(row)} columns, the header has {len(header)}"))
+            continue
+        if not row[image_col].strip():
+            rejects.append(Reject(f"line {reader.line_num}", str(path), EMPTY_PATH))
+            continue
+        rel = os.path.normpath(row[image_col].strip())
+        entry = entry_of_path.get(rel)
+        if entry is None:
+            if rel in rejected_paths:
+                continue
+            key = row[key_col].strip() if key_col is not None else _path_key(rel)
+            if key in known_keys:
+                rejects.append(Reject(key, str(root / rel), DUPLICATE_KEY))
+                rejected_paths.add(rel)
+                continue
+            entry = len(keys)
+            entry_of_path[rel] = entry
+            known_keys.add(key)
+            keys.append(key)
+            caption_lists.append([])
+            paths.append(rel)
+        caption, problem = _clean_caption(row[caption_col])
+        if problem:
+            drops.append((entry, Reject(keys[entry], str(root / rel), problem)))
+        else:
+            caption_lists[entry].append(caption)
+    return keys, caption_lists, paths, rejects, drops
 
 
 def open_dataset(spec: DataSpec, workers: int | None = None) -> Dataset:

@@ -231,6 +231,16 @@ def test_csv_short_row_and_empty_path_are_rejected_and_bom_is_ignored(tmp_path, 
         ("line 3", "malformed CSV row: 1 columns, the header has 2"), ("line 4", "empty image path")]
 
 
+def test_csv_separator_names_and_long_captions(tmp_path, samples):
+    (tmp_path / "a.jpg").write_bytes(samples[0].data)
+    long_caption = "word " * 60_000  # 300 kB, above the csv module's default field limit
+    (tmp_path / "d.tsv").write_text(f"filepath\ttitle\na.jpg\t{long_caption}\n")
+    for typed in ("\t", "\\t", "tab"):  # a tab, or what a shell passes for '\t'
+        assert open_dataset(DataSpec(str(tmp_path / "d.tsv"), separator=typed)).captions(0) == (long_caption.strip(),)
+    with pytest.raises(UserError, match="separator must be one character"):
+        open_dataset(DataSpec(str(tmp_path / "d.tsv"), separator="::"))
+
+
 def test_webdataset_bad_samples(tmp_path, samples):
     good = samples[:4]
     members = [m for s in good[:2] for m in sample_members(s)]
