@@ -144,8 +144,9 @@ def train_student_command(
         keep_checkpoints=keep_checkpoints, resume=resume, out=out, verify_cache=verify_cache,
         progress=progress,
     )
+    final = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
     print(f"trained {summary['student']} with {summary['method']} for {summary['steps']} steps "
-          f"(final loss {summary['final_loss']:.4f}, teacher forwards {summary['teacher_forwards']}, "
+          f"(final loss {final}, teacher forwards {summary['teacher_forwards']}, "
           f"skipped {sum(summary['skipped'].values())}); export: {summary['export']}")
 
 

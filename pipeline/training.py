@@ -144,6 +144,23 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __getstate__(self) -> dict:
+        """Picklable for spawn/forkserver DataLoader workers: the memory-mapped cache is
+        reopened from its folder in the worker, the transforms are rebuilt there."""
+        state = dict(self.__dict__, _augment=None, _eval=None, _normalize=None)
+        if self.cache is not None:
+            state["cache"] = None
+            state["_cache_root"] = str(self.cache.root)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        root = state.pop("_cache_root", None)
+        self.__dict__.update(state)
+        if root is not None:
+            from rdkd.cache import TeacherCache
+
+            self.cache = TeacherCache.open(root)
+
     def __getitem__(self, item: tuple[int, int]) -> dict:
         epoch, position = item
         skipped = []

@@ -50,6 +50,8 @@ DEFAULT_ARTIFACTS = Path("artifacts")
 # Caches up to this size are checksummed in full before training (seconds); bigger ones get
 # a file-size check unless --verify-cache asks for the full one.
 FULL_VERIFY_MAX_BYTES = 2 << 30
+# Decode failures recorded by key in logs/skipped.jsonl (all are counted in run.json).
+MAX_SKIPPED_RECORDS = 10_000
 # Settings that shape the trajectory: a resumed run must agree on all of them.
 RESUME_MUST_MATCH = ("student", "method", "weights", "seed", "global_batch", "total_steps",
                      "lr", "weight_decay", "warmup", "grad_clip", "precision",
@@ -127,8 +129,16 @@ def train_student(
 
     # --- student --------------------------------------------------------------------------
     torch.manual_seed(seed)  # the random init of the student and the loss's heads
-    built = create_student(student, init=None if init is None else str(init), device=torch_device)
+    init_state = _rdkd_checkpoint_model(Path(init)) if init is not None else None
+    built = create_student(student, init=None if init is None or init_state is not None else str(init),
+                           device=torch_device)
     model, model_config, tokenizer = built.model, built.model_config, built.tokenizer
+    if init_state is not None:
+        try:
+            model.load_state_dict(init_state)
+        except RuntimeError as err:
+            raise UserError(f"--init {init}: its weights do not fit {student}: "
+                            f"{str(err).splitlines()[0]}") from None
     image_cfg = ImageCfg.of_model(model)
     student_dim = built.embed_dim
     teacher_dim = teacher_cache.dim if teacher_cache is not None else student_dim
@@ -169,7 +179,10 @@ def train_student(
     scheduler = build_scheduler(optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(torch_device.type, enabled=precision == "fp16")
     start_step, start_epoch, start_in_epoch = 0, 0, 0
+    # counts by reason (the join's skips: keys the cache rejected or lacks; then images that
+    # failed to decode here) and this rank's decode failures with key and step
     skipped: dict[str, int] = dict(pairs.skipped_at_join)
+    skipped_records: list[dict] = []
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         loss_module.load_state_dict(resume_state["loss"])
@@ -181,6 +194,8 @@ def train_student(
         position = resume_state["position"]
         start_step, start_epoch, start_in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
         skipped = dict(resume_state["skipped"])
+        skipped_records = list(resume_state["skipped_records"][dist.rank]
+                               if dist.rank < len(resume_state["skipped_records"]) else [])
 
     train_model = model
     if dist.distributed:  # DDP averages; gather_batch's backward makes that the global gradient
@@ -202,6 +217,7 @@ def train_student(
 
     def checkpoint(step: int, epoch: int, in_epoch: int) -> Path:
         rngs = _gather_objects(rng_state(), dist)
+        records = _gather_objects(skipped_records, dist)
         path = checkpoint_dir / f"step-{step:08d}.pt"
         if dist.is_main:
             save_checkpoint(path, {
@@ -210,14 +226,14 @@ def train_student(
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rngs,
                 "position": {"step": step, "epoch": epoch, "step_in_epoch": in_epoch},
-                "skipped": skipped,
+                "skipped": skipped, "skipped_records": records,
             })
             for old in sorted(checkpoint_dir.glob("step-*.pt"))[:-keep_checkpoints]:
                 old.unlink()
         distributed.barrier()
         return path
 
-    last_checkpoint = None
+    last_checkpoint = resume_path if resume_state is not None else None
     started = time.time()
     last_record: dict = {}
     model.train()
@@ -228,8 +244,10 @@ def train_student(
             tick = time.perf_counter()
             batch = next(batches)
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            for _, reason in batch["skipped"]:
+            for key, reason in batch["skipped"]:
                 skipped[reason] = skipped.get(reason, 0) + 1
+                if len(skipped_records) < MAX_SKIPPED_RECORDS:
+                    skipped_records.append({"key": key, "reason": reason, "step": step + 1})
             images = batch["image"].to(torch_device, non_blocking=True)
             texts = batch["text"].to(torch_device, non_blocking=True)
             with autocast:
@@ -304,8 +322,11 @@ def train_student(
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         "export": str(out_dir / "export"),
     }
+    all_records = [r for rank_records in _gather_objects(skipped_records, dist) for r in rank_records]
     if dist.is_main:
         log.close()
+        with open(out_dir / "logs" / "skipped.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in all_records)
         export_clip(model, model_config, out_dir / "export")
         (out_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     distributed.barrier()
@@ -361,6 +382,20 @@ def _student_label(student: str) -> str:
 
 def _run_name(student: str, loss: str, seed: int) -> str:
     return f"{_student_label(student).replace('/', '-')}-{loss}-seed{seed}"
+
+
+def _rdkd_checkpoint_model(path: Path) -> dict | None:
+    """The student weights of an rdkd train-student checkpoint, or None for any other file
+    (an open_clip checkpoint or tag, which open_clip loads itself)."""
+    if not path.is_file() or path.suffix != ".pt":
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # not ours to judge: open_clip reports what is wrong with it
+        return None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return state["model"]
+    return None
 
 
 def _find_checkpoint(path: Path) -> Path:

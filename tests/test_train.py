@@ -424,3 +424,31 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, csv_dataset, teache
                 one_proc, two_proc = one_proc[keep], two_proc[keep]
             torch.testing.assert_close(two_proc, one_proc, atol=1e-5, rtol=0, msg=f"{part} {k}")
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
+
+
+def test_init_from_an_rdkd_checkpoint_and_pickled_workers(tmp_path, csv_dataset, teacher_cache, tiny_vit):
+    """--init accepts a train-student checkpoint (lr 0: the weights stay those), and the
+    dataset survives pickling (spawn/forkserver workers) with the same samples."""
+    import pickle
+
+    from rdkd.cache import TeacherCache
+    from rdkd.data import open_dataset
+    from rdkd.models import create_student
+    from rdkd.training import ImageCfg
+
+    first = tmp_path / "first"
+    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=2, out=first, **FAST)
+    start = torch.load(first / "checkpoints" / "step-00000002.pt", weights_only=False)["model"]
+    second = tmp_path / "second"
+    train_student(csv_dataset, tiny_vit, "clip", steps=1, out=second, init=first / "checkpoints" / "step-00000002.pt",
+                  **{**FAST, "lr": 0.0})
+    after = torch.load(second / "checkpoints" / "step-00000001.pt", weights_only=False)["model"]
+    assert all(torch.equal(start[k], after[k]) for k in start)
+
+    student = create_student(tiny_vit)
+    pairs = PairDataset(open_dataset(csv_dataset), student.tokenizer, ImageCfg.of_model(student.model),
+                        seed=0, cache=TeacherCache.open(teacher_cache))
+    copy = pickle.loads(pickle.dumps(pairs))
+    for item in [(0, 0), (2, 5)]:
+        a, b = pairs[item], copy[item]
+        assert torch.equal(a["image"], b["image"]) and a["image_row"] == b["image_row"]
