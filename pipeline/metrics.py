@@ -58,6 +58,7 @@ class GalleryIndex:
     index: faiss.Index
     exact: bool
     on_gpu: bool
+    gpu_resources: object = None  # must outlive a GPU index
 
     @property
     def size(self) -> int:
@@ -90,15 +91,13 @@ def build_index(
             index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise UserError(f"FAISS rejects index factory {index_factory!r}: {_faiss_reason(err)}") from None
-    on_gpu = False
+    on_gpu, resources = False, None
     if use_gpu:
         try:
             resources = faiss.StandardGpuResources()
-            gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
-            gpu_index.referenced_resources = resources  # keep the resources alive with the index
-            index, on_gpu = gpu_index, True
-        except (RuntimeError, AttributeError):
-            pass  # this index type has no GPU implementation: search on the CPU
+            index, on_gpu = faiss.index_cpu_to_gpu(resources, 0, index), True
+        except RuntimeError:
+            resources = None  # this index type (e.g. HNSW) has no GPU implementation: stay on the CPU
     try:
         if not index.is_trained:
             index.train(gallery)
@@ -108,7 +107,7 @@ def build_index(
             space.set_index_parameters(index, search_params)
     except RuntimeError as err:
         raise UserError(f"FAISS cannot build index {index_factory or 'Flat'!r}: {_faiss_reason(err)}") from None
-    return GalleryIndex(index=index, exact=exact, on_gpu=on_gpu)
+    return GalleryIndex(index=index, exact=exact, on_gpu=on_gpu, gpu_resources=resources)
 
 
 def check_index_factory(index_factory: str, dim: int) -> None:
@@ -336,6 +335,7 @@ def knn_overlap(
     teacher_gallery: np.ndarray | torch.Tensor,
     k: int = 10,
     exclude_self: bool = False,
+    use_gpu: bool | None = None,
 ) -> float:
     """Mean fraction of each query's k nearest gallery items shared by student and teacher.
 
@@ -346,7 +346,7 @@ def knn_overlap(
     for queries, gallery in ((student_queries, student_gallery), (teacher_queries, teacher_gallery)):
         q, g = as_normalized(queries), as_normalized(gallery)
         depth = min(k + int(exclude_self), len(g))
-        _, ids = search(build_index(g, use_gpu=None), q, depth)
+        _, ids = search(build_index(g, use_gpu=use_gpu), q, depth)
         if exclude_self:
             ids = _drop_self(ids, k)
         neighbours.append(ids)
@@ -450,6 +450,7 @@ def fidelity_metrics(
     k: int = 10,
     sample_size: int = 2000,
     seed: int = 0,
+    use_gpu: bool | None = None,
 ) -> dict[str, float]:
     """How well the student keeps the teacher's geometry on the same (row-aligned) items.
 
@@ -462,9 +463,9 @@ def fidelity_metrics(
     captioned, pairs = np.unique(text_image, return_index=True)  # each image's first caption
     si, st, ti, tt = (as_normalized(v) for v in (student_images, student_texts, teacher_images, teacher_texts))
     return {
-        f"knn{k}_img": knn_overlap(si, si, ti, ti, k, exclude_self=True),
-        f"knn{k}_txt": knn_overlap(st, st, tt, tt, k, exclude_self=True),
-        f"knn{k}_img_txt": knn_overlap(si, st, ti, tt, k),
+        f"knn{k}_img": knn_overlap(si, si, ti, ti, k, exclude_self=True, use_gpu=use_gpu),
+        f"knn{k}_txt": knn_overlap(st, st, tt, tt, k, exclude_self=True, use_gpu=use_gpu),
+        f"knn{k}_img_txt": knn_overlap(si, st, ti, tt, k, use_gpu=use_gpu),
         "spearman_img": similarity_spearman(si, si, ti, ti, True, sample_size, seed),
         "spearman_txt": similarity_spearman(st, st, tt, tt, True, sample_size, seed),
         "spearman_img_txt": similarity_spearman(

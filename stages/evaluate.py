@@ -49,6 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import faiss
 import numpy as np
 import torch
 
@@ -455,6 +456,7 @@ def evaluate(
         raise UserError("recall cut-offs K must be positive")
     out = Path(out) if out is not None else default_output(model, cache)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    faiss_gpu = dev.type == "cuda" and faiss.get_num_gpus() > 0
 
     # Everything that can be wrong with the input is checked before any encoding.
     dataset = open_dataset(data) if data is not None else None
@@ -482,7 +484,7 @@ def evaluate(
         "teacher_cache": str(teacher_cache) if teacher_cache is not None else None,
         "teacher_cache_id": teacher.cache_id if teacher is not None else None,
         "index_factory": index_factory or "Flat", "search_params": search_params,
-        "device": str(dev), "seed": seed, "ks": list(ks),
+        "device": str(dev), "faiss_gpu": faiss_gpu, "seed": seed, "ks": list(ks),
     }
     per_class_tables: dict[str, list[tuple[str, float]]] = {}
     with _progress() as progress:
@@ -494,7 +496,7 @@ def evaluate(
             info["skipped"] = scored.skipped
             retrieval = M.retrieval_metrics(
                 scored.images, scored.texts, scored.text_image, ks=ks, index_factory=index_factory,
-                use_gpu=None, search_params=search_params, device=dev,
+                use_gpu=faiss_gpu, search_params=search_params, device=dev,
                 progress=progress("retrieval", len(np.unique(scored.text_image)) + len(scored.texts)),
             )
             results.update({f"retrieval/{k}": v for k, v in retrieval.items()})
@@ -509,7 +511,7 @@ def evaluate(
                     raise UserError(f"teacher cache {teacher_cache} holds other captions than the eval set")
                 fidelity = M.fidelity_metrics(student.images, student.texts, reference.images, reference.texts,
                                               reference.text_image, k=fidelity_k, sample_size=fidelity_sample,
-                                              seed=seed)
+                                              seed=seed, use_gpu=faiss_gpu)
                 results.update({f"fidelity/{k}": v for k, v in fidelity.items()})
                 results["fidelity/images"] = float(len(reference.keys))
         for zs in zero_shot_sets:
