@@ -117,7 +117,6 @@ def main() -> None:
             hits["torch"] += timed("torch", lambda: torch_hits(q_t, gallery_t, first, ks, args.chunk, device))
         for side in hits:
             recalls[side].update({f"{name}_r{k}": hits[side][j] / args.n for j, k in enumerate(ks)})
-        del index, gallery_t
 
     for key in recalls["torch"]:
         print(f"  {key:7s} faiss {recalls['faiss'][key]:.5f}  torch {recalls['torch'][key]:.5f}")

@@ -92,6 +92,17 @@ def test_retrieval_faiss_equals_brute_force(captions_per_image):
     assert 0.0 < got["t2i_r1"] < got["t2i_r10"] < 1.0  # a test that exercises every branch
 
 
+def test_retrieval_in_small_score_chunks_equals_one_chunk(monkeypatch):
+    # The exact-rank pass holds at most budget/4 scores at once: force 7-query chunks.
+    rng = np.random.default_rng(5)
+    images = rng.standard_normal((120, 8)).astype(np.float32)
+    texts = images + 2.0 * rng.standard_normal((120, 8)).astype(np.float32)
+    whole = metrics.retrieval_metrics(images, texts, np.arange(120))
+    monkeypatch.setattr(metrics, "_SCORE_BUDGET_BYTES", 4 * 120 * 7)
+    assert metrics.retrieval_metrics(images, texts, np.arange(120)) == whole
+    assert whole["i2t_mean_rank"] > 10  # most ranks come from the counting pass
+
+
 def test_retrieval_approximate_index_is_marked_and_has_no_ranks():
     rng = np.random.default_rng(0)
     images = rng.standard_normal((200, 8)).astype(np.float32)
