@@ -394,13 +394,14 @@ def _discover_run_info(spec) -> dict[str, Any] | None:
     return None
 
 
-def _default_name(model, cache) -> str:
-    if cache is not None:
-        return Path(cache).resolve().name
-    info = _discover_run_info(model)
-    if info and info.get("method") and info.get("student"):
-        return f"{info['student']}-{info['method']}-s{info.get('seed')}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", _model_label(model)).strip("_")
+def _default_name(model, cache, run_info: dict[str, Any] | None = None) -> str:
+    info = {} if cache is not None else dict(_discover_run_info(model) or {})
+    info.update({k: v for k, v in (run_info or {}).items() if v is not None})
+    if info.get("method") and info.get("student"):
+        name = f"{info['student']}-{info['method']}" + (f"-seed{info['seed']}" if info.get("seed") is not None else "")
+    else:
+        name = Path(cache).resolve().name if cache is not None else _model_label(model)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
 def _model_label(spec) -> str:
@@ -411,9 +412,11 @@ def _model_label(spec) -> str:
     return f"{base}/{tag}" if tag and not Path(tag).exists() else base
 
 
-def default_output(model=None, cache: str | Path | None = None, name: str | None = None) -> Path:
-    """``artifacts/eval/<name>/metrics.json``."""
-    return DEFAULT_ARTIFACTS / "eval" / (name or _default_name(model, cache)) / "metrics.json"
+def default_output(model=None, cache: str | Path | None = None, name: str | None = None,
+                   run_info: dict[str, Any] | None = None) -> Path:
+    """``artifacts/eval/<name>/metrics.json``; the name defaults to ``<student>-<method>[-seed<N>]``
+    from the run labels, else the cache folder or model name."""
+    return DEFAULT_ARTIFACTS / "eval" / (name or _default_name(model, cache, run_info)) / "metrics.json"
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -454,7 +457,7 @@ def evaluate(
         raise UserError("--teacher-cache needs the eval dataset (--data) it was extracted from")
     if any(k < 1 for k in ks):
         raise UserError("recall cut-offs K must be positive")
-    out = Path(out) if out is not None else default_output(model, cache)
+    out = Path(out) if out is not None else default_output(model, cache, run_info=run_info)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     faiss_gpu = dev.type == "cuda" and faiss.get_num_gpus() > 0
 
