@@ -191,12 +191,13 @@ def evaluate_command(
     data_spec = DataSpec(data, format=data_format, image_column=image_column, caption_column=caption_column,
                          key_column=key_column, separator=separator) if data else None
     tasks = [ZeroShotTask.parse(t) for t in zeroshot or []]
-    target = out or (default_output(spec, cache, name) if (spec is not None) != (cache is not None) else None)
+    run_info = {"method": method, "student": student, "seed": run_seed}
+    target = out or (default_output(spec, cache, name, run_info) if (spec is not None) != (cache is not None) else None)
     results = evaluate(
         target, data=data_spec, model=spec, cache=cache, teacher_cache=teacher_cache, zeroshot=tasks,
         index_factory=index_factory, search_params=search_params, batch_size=batch_size, workers=workers,
         device=None if device == "auto" else device, seed=seed, fidelity_sample=fidelity_sample,
-        per_class=per_class, run_info={"method": method, "student": student, "seed": run_seed},
+        per_class=per_class, run_info=run_info,
     )
     shown = {k: v for k, v in results.items() if k.endswith(("_r1", "/top1", "knn10_img", "cka_img"))}
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in shown.items()) + f" -> {target}")
