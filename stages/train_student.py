@@ -35,6 +35,7 @@ from rdkd.training import (
     MetricsLog,
     PairDataset,
     TeacherForwardCounter,
+    advise_random_access,
     build_optimizer,
     build_scheduler,
     collate_pairs,
@@ -98,6 +99,8 @@ def train_student(
     from rdkd.data import DataSpec, open_dataset
     from rdkd.models import create_student, export_clip
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here (use --device cpu)")
     dist = distributed.setup(None if device == "auto" else device)
     torch_device = torch.device(dist.device)
     if precision not in PRECISIONS:
@@ -124,6 +127,8 @@ def train_student(
             raise UserError(f"cache {cache} was made from another dataset (fingerprint "
                             f"{teacher_cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]} of {spec.path})")
         _verify_cache(teacher_cache, verify_cache)
+        advise_random_access([shard.embeddings for shard in teacher_cache.image_shards()]
+                             + [shard.embeddings for shard in teacher_cache.text_shards()])
     if needs_teacher and teacher_cache is None:
         raise UserError(f"--loss {loss} distils from a teacher: give its embedding cache with --cache")
 
@@ -189,8 +194,8 @@ def train_student(
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
-        set_rng_state(resume_state["rng"][dist.rank] if isinstance(resume_state["rng"], list)
-                      else resume_state["rng"])
+        rngs = resume_state["rng"]  # one per rank of the interrupted run
+        set_rng_state(rngs[min(dist.rank, len(rngs) - 1)])
         position = resume_state["position"]
         start_step, start_epoch, start_in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
         skipped = dict(resume_state["skipped"])
