@@ -174,6 +174,7 @@ def evaluate_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the fidelity similarity sample."),
     fidelity_sample: int = typer.Option(2000, "--fidelity-sample", min=3, help="Items sampled for the Spearman fidelity correlations."),
     per_class: bool = typer.Option(False, "--per-class", help="Also write zero-shot per-class top-1 accuracy CSVs."),
+    ranks: bool = typer.Option(True, "--ranks/--no-ranks", help="Exact mean/median rank (a second gallery scan for queries missed in the top K)."),
     method: Optional[str] = typer.Option(None, "--method", help="Run label for rdkd report (default: from the student's run.json)."),
     student: Optional[str] = typer.Option(None, "--student", help="Run label for rdkd report (default: from run.json or the model name)."),
     run_seed: Optional[int] = typer.Option(None, "--run-seed", help="Training seed label for rdkd report (default: from run.json)."),
@@ -197,7 +198,7 @@ def evaluate_command(
         target, data=data_spec, model=spec, cache=cache, teacher_cache=teacher_cache, zeroshot=tasks,
         index_factory=index_factory, search_params=search_params, batch_size=batch_size, workers=workers,
         device=None if device == "auto" else device, seed=seed, fidelity_sample=fidelity_sample,
-        per_class=per_class, run_info=run_info,
+        per_class=per_class, ranks=ranks, run_info=run_info,
     )
     shown = {k: v for k, v in results.items() if k.endswith(("_r1", "/top1", "knn10_img", "cka_img"))}
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in shown.items()) + f" -> {target}")

@@ -439,12 +439,14 @@ def evaluate(
     fidelity_k: int = 10,
     fidelity_sample: int = 2000,
     per_class: bool = False,
+    ranks: bool = True,
     run_info: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Score ``model`` (a :class:`rdkd.models.ModelSpec`) or ``cache``; return and write the metrics.
 
     See the module docstring for what is measured and written. ``out`` defaults to
-    ``artifacts/eval/<name>/metrics.json``.
+    ``artifacts/eval/<name>/metrics.json``. ``ranks=False`` skips mean/median rank, whose
+    exact count scans the gallery again for every query whose match is not in its top K.
     """
     started = time.time()
     if (model is None) == (cache is None):
@@ -499,7 +501,7 @@ def evaluate(
             info["skipped"] = scored.skipped
             retrieval = M.retrieval_metrics(
                 scored.images, scored.texts, scored.text_image, ks=ks, index_factory=index_factory,
-                use_gpu=faiss_gpu, search_params=search_params, device=dev,
+                use_gpu=faiss_gpu, search_params=search_params, with_ranks=ranks, device=dev,
                 progress=progress("retrieval", len(np.unique(scored.text_image)) + len(scored.texts)),
             )
             results.update({f"retrieval/{k}": v for k, v in retrieval.items()})
