@@ -13,8 +13,13 @@
 
 The teacher is open_clip's ``ViT-B-32`` with random weights (seed 0; no download); the
 images are ``--images`` seeded 224 x 224 JPEGs (gradients plus noise, quality 90) with one
-caption each. Bare and end-to-end runs alternate ``--repeats`` times; the figure is the
-ratio of the medians, with the min-max of the per-repeat ratios. A cost breakdown
+caption each. Bare and end-to-end runs alternate ``--repeats`` times in A-B-B-A order (so
+a drifting machine load favours neither); the figure is the median of the per-repeat ratios
+(each from a bare and an end-to-end run next to each other in time), with their min-max.
+On a shared machine wall-clock rates swing with other jobs, so the script also prints a
+CPU-time ratio: CPU seconds per image of the bare forward / of the whole extraction
+(the extraction loop with its DataLoader workers; setup excluded), and the share of the
+end-to-end wall time spent inside the teacher's encode calls. A cost breakdown
 (decode + preprocess per image, shard writes) is printed to say what dominates.
 
     python bench/extract_efficiency.py                     # CPU defaults
@@ -25,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -87,11 +94,11 @@ def bare_forward_rate(loaded, pixels: torch.Tensor, tokens: torch.Tensor, batch_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--per-shard", type=int, default=64, help="Images per data (and cache) shard.")
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--per-shard", type=int, default=48, help="Images per data (and cache) shard.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process.")
@@ -109,9 +116,12 @@ def main() -> None:
 
     # Pre-decoded inputs of the bare forward: the same images and captions, same preprocessing.
     dataset = open_dataset(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
     t0 = time.perf_counter()
     pixels = torch.stack([loaded.preprocess(decode_image(dataset.read_image_bytes(i))) for i in range(len(dataset))])
     decode_s = (time.perf_counter() - t0) / len(dataset)
+    torch.set_num_threads(threads)
     tokens = loaded.tokenizer([dataset.captions(i)[0] for i in range(len(dataset))])
     pixels, tokens = pixels.to(device), tokens.to(device)
 
@@ -130,21 +140,79 @@ def main() -> None:
 
     bare_forward_rate(loaded, pixels[: args.batch_size], tokens[: args.batch_size], args.batch_size, device,
                       args.precision)  # warm-up
-    bare, e2e, writes = [], [], []
-    for r in range(args.repeats):
-        bare.append(bare_forward_rate(loaded, pixels, tokens, args.batch_size, device, args.precision))
-        write_seconds[0] = 0.0
+    def cpu_seconds() -> float:
+        """CPU time of this process and of its finished children (the DataLoader workers)."""
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def run_bare() -> tuple[float, float]:
+        cpu = cpu_seconds()
+        rate = bare_forward_rate(loaded, pixels, tokens, args.batch_size, device, args.precision)
+        return rate, (cpu_seconds() - cpu) / len(pixels)
+
+    # Time inside the teacher's encode calls during extraction: 1 - its share of the
+    # end-to-end time is what the pipeline around the forward costs.
+    forward_seconds = [0.0]
+    real_load_clip = stage.load_clip
+
+    def timed_load_clip(*a, **k):
+        teacher = real_load_clip(*a, **k)
+        for name in ("encode_image", "encode_text"):
+            encode = getattr(teacher.model, name)
+
+            def timed(x, encode=encode):
+                t = time.perf_counter()
+                try:
+                    return encode(x)
+                finally:
+                    forward_seconds[0] += time.perf_counter() - t
+
+            setattr(teacher.model, name, timed)
+        return teacher
+
+    stage.load_clip = timed_load_clip
+
+    # CPU time of the extraction loop itself (its workers are joined before it returns).
+    loop_cpu = [0.0]
+    real_run_shards = stage._run_shards
+
+    def timed_run_shards(*a, **k):
+        cpu = cpu_seconds()
+        try:
+            return real_run_shards(*a, **k)
+        finally:
+            loop_cpu[0] = cpu_seconds() - cpu
+
+    stage._run_shards = timed_run_shards
+
+    def run_e2e(r: int) -> tuple[float, float, float]:
+        write_seconds[0] = forward_seconds[0] = 0.0
         summary = stage.extract_teacher(spec, teacher_spec, work / f"cache-{r}", batch_size=args.batch_size,
                                         workers=args.workers, device=str(device), precision=args.precision,
                                         progress=False)
-        e2e.append(summary.images / summary.seconds)
-        writes.append(write_seconds[0] / summary.seconds)
-        print(f"repeat {r}: bare forward {bare[-1]:.1f} img/s, end-to-end {e2e[-1]:.1f} img/s, "
-              f"ratio {e2e[-1] / bare[-1]:.3f}")
+        forward_shares.append(forward_seconds[0] / summary.seconds)
+        return summary.images / summary.seconds, write_seconds[0] / summary.seconds, loop_cpu[0] / summary.images
+
+    bare, e2e, writes, cpu_ratios, forward_shares = [], [], [], [], []
+    for r in range(args.repeats):
+        # A B B A ...: a machine whose load drifts during the run biases neither side.
+        if r % 2 == 0:
+            bare_rate, bare_cpu = run_bare()
+            rate, write_share, e2e_cpu = run_e2e(r)
+        else:
+            rate, write_share, e2e_cpu = run_e2e(r)
+            bare_rate, bare_cpu = run_bare()
+        bare.append(bare_rate)
+        e2e.append(rate)
+        writes.append(write_share)
+        cpu_ratios.append(bare_cpu / e2e_cpu)
+        print(f"repeat {r}: bare forward {bare[-1]:.2f} img/s, end-to-end {e2e[-1]:.2f} img/s, "
+              f"ratio {e2e[-1] / bare[-1]:.3f}; CPU s/image bare {bare_cpu:.3f}, end-to-end {e2e_cpu:.3f}; "
+              f"load average {os.getloadavg()[0]:.1f}")
 
     ratios = [e / b for e, b in zip(e2e, bare)]
-    ratio = statistics.median(e2e) / statistics.median(bare)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+    ratio = statistics.median(ratios)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
           f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"teacher ViT-B-32 (random init), {args.images} JPEGs 224x224, batch {args.batch_size}, "
           f"workers {args.workers}, precision {args.precision}, repeats {args.repeats}")
@@ -155,8 +223,12 @@ def main() -> None:
     print(f"cost breakdown: decode + preprocess {decode_s * 1e3:.2f} ms/image on one core "
           f"(in workers, overlapped), forward {1e3 / statistics.median(bare):.2f} ms/image, "
           f"shard writes {statistics.median(writes):.1%} of end-to-end time")
-    print(f"P3 extraction efficiency = {ratio:.3f} (per-repeat min-max {min(ratios):.3f}-{max(ratios):.3f}); "
-          f"target >= 0.90")
+    print(f"teacher forward share of end-to-end wall time: median {statistics.median(forward_shares):.3f} "
+          f"(min-max {min(forward_shares):.3f}-{max(forward_shares):.3f}); the rest is the pipeline around it")
+    print(f"CPU-time efficiency (bare CPU s/image / end-to-end CPU s/image, workers included): median "
+          f"{statistics.median(cpu_ratios):.3f} (min-max {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})")
+    print(f"P3 extraction efficiency = {ratio:.3f} (median of the per-repeat ratios, min-max "
+          f"{min(ratios):.3f}-{max(ratios):.3f}); target >= 0.90")
 
 
 if __name__ == "__main__":

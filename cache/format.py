@@ -124,7 +124,7 @@ def numpy_storage_dtype(storage_dtype: str) -> type:
 
 def embedding_array(values: np.ndarray, storage_dtype: str) -> pa.FixedSizeListArray:
     """A [n, dim] array of stored values as the Arrow embedding column (no copy)."""
-    n, dim = values.shape
+    dim = values.shape[1]
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=_ARROW_VALUE_TYPE[storage_dtype])
     return pa.FixedSizeListArray.from_arrays(flat, dim)
 

@@ -437,11 +437,25 @@ def extract_teacher(
     """
     _validate(batch_size, workers, precision, storage_dtype, views, rows_per_shard, max_reject_fraction)
     torch_device = _resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist_info = distributed.setup(torch_device)
     if precision != "fp32" and torch_device.type != "cuda":
         raise UserError(f"--precision {precision} needs CUDA; use fp32 on {torch_device.type}")
-    rank, world = dist_info.rank, dist_info.world_size
+    joined_here = not torch.distributed.is_initialized()
+    dist_info = distributed.setup(torch_device)
+    try:
+        return _extract(data, teacher, output, dist_info.rank, dist_info.world_size, torch_device,
+                        batch_size=batch_size, workers=workers, precision=precision, storage_dtype=storage_dtype,
+                        views=views, rows_per_shard=rows_per_shard, resume=resume, overwrite=overwrite,
+                        max_reject_fraction=max_reject_fraction, progress=progress)
+    finally:
+        if joined_here:
+            distributed.cleanup()
 
+
+def _extract(data: DataSpec, teacher: ModelSpec, output, rank: int, world: int, torch_device: torch.device, *,
+             batch_size: int, workers: int, precision: str, storage_dtype: str, views: ViewConfig,
+             rows_per_shard: int, resume: bool, overwrite: bool, max_reject_fraction: float,
+             progress: bool) -> ExtractSummary:
+    """:func:`extract_teacher` on one rank, after the options are checked and the group is joined."""
     dataset = open_dataset(data)
     root = Path(output) if output is not None else default_output(data, teacher)
     created = _check_writable(root, rank)
@@ -471,8 +485,6 @@ def extract_teacher(
             (root / fmt.MANIFEST).unlink(missing_ok=True)
         _remove_stale_temporaries(root)
     distributed.barrier()
-    if action == "complete":  # --no-resume: recompute every shard
-        action = "resume"
     if len(index_rejects) > allowed_rejects:
         raise _too_many_rejects(root, len(index_rejects), total_entries, max_reject_fraction, partial=True)
 

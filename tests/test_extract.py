@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image
 
 from builders import Sample, image_bytes, make_image, sample_members, standard_samples, write_csv_dataset, write_tar
 from rdkd.cache import TeacherCache, ViewConfig, eval_view_box, render_view
@@ -327,7 +325,7 @@ def test_another_cache_at_the_output_is_kept_unless_overwrite(tmp_path, wds_data
     code, _, err = run_cli(*args, "--data", wds_dataset.path, "--storage-dtype", "float32")  # other storage
     _one_line_error(code, err, "--overwrite")
     assert _files(out) == before  # nothing lost
-    code, out_text, err = run_cli(*args, "--data", csv_dataset.path, "--overwrite")
+    code, _, err = run_cli(*args, "--data", csv_dataset.path, "--overwrite")
     assert code == 0, err
     cache = TeacherCache.open(out)
     assert cache.dataset_fingerprint == open_dataset(csv_dataset).fingerprint and cache.verify() == []
