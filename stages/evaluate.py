@@ -91,7 +91,8 @@ class ZeroShotTask:
     @classmethod
     def parse(cls, text: str) -> "ZeroShotTask":
         """``NAME=PATH[;classnames=...][;templates=...][;image_column=...][;label_column=...]``
-        (``PATH`` alone names the task after the folder or file)."""
+        (``PATH`` alone names the task after the folder or file). A folder ``PATH`` holding
+        ``classnames.txt`` or ``templates.txt`` supplies the option it does not name."""
         head, *options = [part.strip() for part in text.split(";")]
         name, sep, path = head.partition("=")
         if not sep:
@@ -105,6 +106,12 @@ class ZeroShotTask:
             fields[key.strip()] = value.strip()
         if not fields["name"] or not fields["path"]:
             raise UserError(f"zero-shot task {text!r}: expected NAME=PATH")
+        folder = Path(fields["path"])
+        if folder.is_dir():  # a task folder may carry its own lists (as rdkd demo-data writes them)
+            for option in ("classnames", "templates"):
+                listed = folder / f"{option}.txt"
+                if option not in fields and listed.is_file():
+                    fields[option] = str(listed)
         return cls(**fields)
 
 

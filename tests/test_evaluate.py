@@ -227,3 +227,16 @@ def test_report_without_inputs_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no metrics file matches"):
         report([str(tmp_path / "nothing" / "*.json")], tmp_path / "r")
     assert mean_std([2.0]) == (2.0, 0.0)
+
+
+def test_zero_shot_task_folder_supplies_its_own_lists(tmp_path):
+    folder = tmp_path / "shape"
+    (folder / "circle").mkdir(parents=True)
+    (folder / "classnames.txt").write_text("circle\n")
+    (folder / "templates.txt").write_text("a photo of a {}.\n")
+    task = ZeroShotTask.parse(f"shape={folder}")
+    assert (task.classnames, task.templates) == (str(folder / "classnames.txt"), str(folder / "templates.txt"))
+    named = ZeroShotTask.parse(f"shape={folder};templates=openai")
+    assert named.templates == "openai" and named.classnames == str(folder / "classnames.txt")
+    (folder / "templates.txt").unlink()
+    assert ZeroShotTask.parse(f"shape={folder}").templates == "openai"
