@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,25 +44,45 @@ class CacheShard:
 
 
 class _ShardedColumn:
-    """The rows of one kind (images or texts) across all shards, addressed by global row."""
+    """The rows of one kind (images or texts) across all shards, addressed by global row.
 
-    def __init__(self, root: Path, files: list[Path], shards: list[int], storage_dtype: str):
-        self.storage_dtype = storage_dtype
-        self.shards: list[CacheShard] = []
-        first_row = 0
-        for shard, path in zip(shards, files):
-            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-            if table.column("embedding").num_chunks > 1:  # written by another tool: combine once
-                table = table.combine_chunks()
-            column = table.column("embedding")
-            if len(column) == 0:
-                emb = np.zeros((0, column.type.list_size), dtype=fmt.numpy_storage_dtype(storage_dtype))
-            else:
-                emb = fmt.embedding_view(column)
-            self.shards.append(CacheShard(shard, first_row, table, emb))
-            first_row += table.num_rows
-        self.num_rows = first_row
-        self._starts = np.array([s.first_row for s in self.shards], dtype=np.int64)
+    Shard files are memory-mapped when first used and kept in a small LRU, so a reader of a
+    cache with tens of thousands of shards holds a bounded number of open files; arrays
+    handed out keep their mapping alive on their own.
+    """
+
+    def __init__(self, dim: int, files: list[Path], shards: list[int], rows: list[int], storage_dtype: str,
+                 max_open: int = 256):
+        self.dim, self.storage_dtype, self.max_open = dim, storage_dtype, max_open
+        self.files, self.shard_ids = files, shards
+        self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])[:-1].astype(np.int64)
+        self.num_rows = int(sum(rows))
+        self._open: OrderedDict[int, CacheShard] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def shard(self, position: int) -> CacheShard:
+        """The ``position``-th shard, memory-mapped (opened on first use)."""
+        if position in self._open:
+            self._open.move_to_end(position)
+            return self._open[position]
+        table = pa.ipc.open_file(pa.memory_map(str(self.files[position]), "r")).read_all()
+        if table.column("embedding").num_chunks > 1:  # written by another tool: combine once
+            table = table.combine_chunks()
+        column = table.column("embedding")
+        if len(column) == 0:
+            emb = np.zeros((0, column.type.list_size), dtype=fmt.numpy_storage_dtype(self.storage_dtype))
+        else:
+            emb = fmt.embedding_view(column)
+        opened = CacheShard(self.shard_ids[position], int(self._starts[position]), table, emb)
+        self._open[position] = opened
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return opened
+
+    def __iter__(self) -> Iterator[CacheShard]:
+        return (self.shard(p) for p in range(len(self)))
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard position, row within shard) of global rows."""
@@ -74,22 +95,21 @@ class _ShardedColumn:
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Stored values [n, dim] of global rows (a copy of just those rows)."""
         position, local = self.locate(rows)
-        dim = self.shards[0].embeddings.shape[1] if self.shards else 0
-        out = np.empty((len(local), dim), dtype=fmt.numpy_storage_dtype(self.storage_dtype))
+        out = np.empty((len(local), self.dim), dtype=fmt.numpy_storage_dtype(self.storage_dtype))
         for p in np.unique(position):
             mask = position == p
-            out[mask] = self.shards[p].embeddings[local[mask]]
+            out[mask] = self.shard(p).embeddings[local[mask]]
         return out
 
     def take(self, name: str, rows: np.ndarray) -> pa.Array:
         """Column ``name`` at global rows, in the order asked (one ``take`` per shard touched)."""
         position, local = self.locate(rows)
         if len(local) == 0:
-            return pa.array([], type=self.shards[0].table.schema.field(name).type) if self.shards else pa.array([])
+            return pa.array([], type=self.shard(0).table.schema.field(name).type) if len(self) else pa.array([])
         order = np.argsort(position, kind="stable")
         pieces = []
         for p in np.unique(position):
-            pieces.append(self.shards[p].table.column(name).take(pa.array(local[position == p])))
+            pieces.append(self.shard(p).table.column(name).take(pa.array(local[position == p])))
         grouped = pa.chunked_array(pieces).combine_chunks()
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
@@ -114,11 +134,12 @@ class TeacherCache:
         self.root = root
         self.manifest = manifest
         self.storage_dtype: str = manifest["storage_dtype"]
-        shards = [s["shard"] for s in manifest["shards"]]
-        self.images = _ShardedColumn(root, [root / s["images"]["file"] for s in manifest["shards"]], shards,
-                                     self.storage_dtype)
-        self.texts = _ShardedColumn(root, [root / s["texts"]["file"] for s in manifest["shards"]], shards,
-                                    self.storage_dtype)
+        shards = manifest["shards"]
+        dim = int(manifest["dim"])
+        self.images = _ShardedColumn(dim, [root / s["images"]["file"] for s in shards], [s["shard"] for s in shards],
+                                     [int(s["images"]["rows"]) for s in shards], self.storage_dtype)
+        self.texts = _ShardedColumn(dim, [root / s["texts"]["file"] for s in shards], [s["shard"] for s in shards],
+                                    [int(s["texts"]["rows"]) for s in shards], self.storage_dtype)
         index = pa.ipc.open_file(pa.memory_map(str(root / fmt.INDEX), "r")).read_all()
         if any(index.column(name).num_chunks != 1 for name in index.column_names):
             index = index.combine_chunks()
@@ -150,9 +171,14 @@ class TeacherCache:
             raise UserError(f"{root} has cache format version {manifest.get('format_version')}; "
                             f"this rdkd reads version {fmt.FORMAT_VERSION}")
         try:
-            return cls(root, manifest)
-        except (OSError, KeyError, pa.ArrowException, ValueError) as err:
+            cache = cls(root, manifest)
+        except (OSError, KeyError, TypeError, pa.ArrowException, ValueError) as err:
             raise UserError(f"cannot read teacher cache {root}: {err}") from None
+        missing = [f for f in cache.images.files + cache.texts.files if not f.is_file()]
+        if missing:
+            raise UserError(f"teacher cache {root} is damaged: {missing[0].relative_to(root)} is missing "
+                            f"({len(missing)} file(s)); run `rdkd cache verify {root}` or extract it again")
+        return cache
 
     # -- what it holds ---------------------------------------------------------------------------
 
@@ -191,7 +217,7 @@ class TeacherCache:
 
     @property
     def num_shards(self) -> int:
-        return len(self.images.shards)
+        return len(self.images)
 
     def __len__(self) -> int:
         return self.num_images
@@ -243,18 +269,18 @@ class TeacherCache:
 
     def image_shards(self) -> Iterator[CacheShard]:
         """The image shards in order: memory-mapped tables and zero-copy embedding views."""
-        return iter(self.images.shards)
+        return iter(self.images)
 
     def text_shards(self) -> Iterator[CacheShard]:
-        return iter(self.texts.shards)
+        return iter(self.texts)
 
     def iter_images(self) -> Iterator[tuple[list[str], torch.Tensor]]:
         """(keys, float32 embeddings) per image shard, in cache order (= dataset order)."""
-        for shard in self.images.shards:
+        for shard in self.images:
             yield shard.table.column("key").to_pylist(), _to_tensor(shard.embeddings, self.storage_dtype)
 
     def iter_texts(self) -> Iterator[tuple[list[str], torch.Tensor]]:
-        for shard in self.texts.shards:
+        for shard in self.texts:
             yield shard.table.column("key").to_pylist(), _to_tensor(shard.embeddings, self.storage_dtype)
 
     def torch_view(self, shard: CacheShard) -> torch.Tensor:
@@ -291,16 +317,23 @@ class TeacherCache:
             elif fmt.sha256_file(path) != entry["sha256"]:
                 problems.append(f"{entry['file']}: sha256 mismatch")
         for kind, column in (("images", self.images), ("texts", self.texts)):
-            for s, shard in zip(self.manifest["shards"], column.shards):
+            for position, s in enumerate(self.manifest["shards"]):
+                if not (self.root / s[kind]["file"]).is_file():
+                    continue  # reported above
+                try:
+                    shard = column.shard(position)
+                except (OSError, pa.ArrowException) as err:
+                    problems.append(f"{s[kind]['file']}: unreadable ({err})")
+                    continue
                 if shard.table.num_rows != s[kind]["rows"]:
                     problems.append(f"{s[kind]['file']}: {shard.table.num_rows} rows, manifest says {s[kind]['rows']}")
                 if shard.embeddings.shape[1] != self.dim:
                     problems.append(f"{s[kind]['file']}: dim {shard.embeddings.shape[1]}, manifest says {self.dim}")
-        counts = self.manifest["counts"]
+        counts = self.manifest["counts"]  # the shards' rows (checked against the files above) must add up
         if self.images.num_rows != counts["image_rows"]:
-            problems.append(f"images: {self.images.num_rows} rows, manifest says {counts['image_rows']}")
+            problems.append(f"images: shards hold {self.images.num_rows} rows, manifest counts {counts['image_rows']}")
         if self.texts.num_rows != counts["captions"]:
-            problems.append(f"captions: {self.texts.num_rows} text rows, manifest says {counts['captions']}")
+            problems.append(f"captions: shards hold {self.texts.num_rows} rows, manifest counts {counts['captions']}")
         if len(self._hashes) != counts["images"]:
             problems.append(f"{fmt.INDEX}: {len(self._hashes)} keys, manifest says {counts['images']}")
         if self.images.num_rows != counts["images"] * self.views:

@@ -129,6 +129,17 @@ def test_embeddings_are_zero_copy_views_of_the_mapped_files(tmp_path):
     np.testing.assert_array_equal(view.float().numpy(), cache.image_embeddings(np.arange(len(view))).numpy())
 
 
+def test_shards_are_opened_lazily_and_a_bounded_number_stay_open(tmp_path):
+    truth = write_cache(tmp_path, "float32")
+    cache = TeacherCache.open(tmp_path)
+    assert len(cache.images._open) == 0  # opening reads the manifest and the index only
+    cache.images.max_open = 1
+    rows = [cache.find(key).image_rows[0] for key in truth["order"]]  # rows of shards 0 and 2
+    got = cache.image_embeddings(np.array(rows[::-1])).numpy()[::-1]
+    np.testing.assert_array_equal(got, np.stack([truth["images"][(k, 0)] for k in truth["order"]]))
+    assert len(cache.images._open) == 1
+
+
 def test_hash_collisions_are_resolved_by_key(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "key_hash", lambda key: 7)  # every key collides
     truth = write_cache(tmp_path, "float32")
@@ -153,6 +164,10 @@ def test_open_refuses_missing_partial_and_foreign(tmp_path):
         TeacherCache.open(tmp_path / "c")
     manifest.write_text(text.replace('"format_version": 1', '"format_version": 99'))
     with pytest.raises(UserError, match="format version 99"):
+        TeacherCache.open(tmp_path / "c")
+    manifest.write_text(text)
+    (tmp_path / "c" / "images" / "part-00002.arrow").unlink()
+    with pytest.raises(UserError, match="part-00002.arrow is missing"):
         TeacherCache.open(tmp_path / "c")
 
 
