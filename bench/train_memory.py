@@ -6,14 +6,15 @@ cache each from the same tiny teacher with a wide embedding (``--dim``, default 
 ``--views`` views per image, stored as float32, so that the big cache is ~400 MB: a
 trainer that loaded it into memory would show. Each cache then trains the same
 small student for the same steps in a fresh process (``rdkd train-student`` via
-``train_student``), which reports its peak RSS (``ru_maxrss``) and its RSS after training.
+``train_student``), which reports its peak RSS.
 The child samples ``/proc/self/status`` every 5 ms and splits its RSS into anonymous
 memory (heap, tensors, the join arrays: what the trainer allocates) and file-backed pages
-(the memory-mapped cache shards it has read, plus the kernel's read-ahead around each
-read: clean page cache, shared between processes and reclaimable).
+(the memory-mapped cache shards it has read: the kernel maps the page cache around each
+row a step reads (fault-around, 64 KB by default, and read-ahead when the file is not cached
+yet); clean pages, shared between processes and reclaimable).
 
 P5 = peak anonymous RSS (10x cache) - peak anonymous RSS (1x cache); the growth of the
-total peak RSS (``ru_maxrss``) and of the mapped cache pages is printed beside it. The
+total peak RSS (``VmHWM``) and of the mapped cache pages is printed beside it. The
 dataset's own index (keys, captions) grows with it too and is part of the figure. P4
 (teacher forwards = 0) is printed from both runs' ``teacher_forwards``.
 
@@ -40,14 +41,14 @@ from rdkd.models import ModelSpec  # noqa: E402
 from rdkd.stages.extract_teacher import extract_teacher  # noqa: E402
 
 CHILD = """
-import json, resource, sys, threading, time, torch
+import json, sys, threading, time, torch
 torch.set_num_threads(1)
 from rdkd.data import DataSpec
 from rdkd.stages.train_student import train_student
 
-def status():  # kB -> bytes of RssAnon (heap, tensors) and RssFile (mapped files: the cache)
+def status(keys=("RssAnon", "RssFile")):  # bytes of RssAnon (heap, tensors), RssFile (mapped files)
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")}
+    return {k: int(fields[k].split()[0]) * 1024 for k in keys}
 
 peak = {"RssAnon": 0, "RssFile": 0}
 def watch():
@@ -59,7 +60,8 @@ threading.Thread(target=watch, daemon=True).start()
 data, cache, student, out, steps, batch = sys.argv[1:7]
 info = train_student(DataSpec(data), student, "cliprd", cache, steps=int(steps), batch_size=int(batch),
                      workers=0, device="cpu", progress=False, out=out, save_every=10**9)
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+# VmHWM, not ru_maxrss: the latter keeps the parent's RSS from before exec
+print(json.dumps({"peak_rss": status(("VmHWM",))["VmHWM"],
                   "peak_anon": peak["RssAnon"], "peak_file": peak["RssFile"],
                   "teacher_forwards": info["teacher_forwards"], "samples": info["samples"]}))
 """
@@ -123,7 +125,7 @@ def main() -> None:
     print(f"P5 = peak anonymous RSS growth for a 10x cache = {(big['peak_anon'] - small['peak_anon']) * mb:.1f} MB"
           f"   (target < 200 MB; the 10x cache is {(big['cache_bytes'] - small['cache_bytes']) * mb:.0f} MB larger)")
     print(f"     total peak RSS growth {(big['peak_rss'] - small['peak_rss']) * mb:.1f} MB, of which mapped "
-          f"cache pages {(big['peak_file'] - small['peak_file']) * mb:.1f} MB (read-ahead around the rows read; "
+          f"cache pages {(big['peak_file'] - small['peak_file']) * mb:.1f} MB (the kernel maps ~64 KB of page cache around each row read; "
           f"clean, shared, reclaimable page cache)")
     print(f"P4 teacher forwards while training from an existing cache: "
           f"{results['1x']['teacher_forwards'] + results['10x']['teacher_forwards']}")

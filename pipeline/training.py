@@ -17,13 +17,10 @@ or interruptions give the same samples.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import mmap
 import os
 import random
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,28 +246,6 @@ def collate_pairs(samples: list[dict]) -> dict:
         "text_row": np.asarray([s["text_row"] for s in samples], dtype=np.int64),
         "skipped": [skip for s in samples for skip in s["skipped"]],
     }
-
-
-_MADV_RANDOM = 1  # <sys/mman.h> on Linux
-
-
-def advise_random_access(arrays: Sequence[np.ndarray]) -> None:
-    """Tell the kernel that these memory-mapped arrays are read at random rows (MADV_RANDOM).
-
-    A training step reads one embedding row per sample, scattered over the cache; without
-    the advice every row read pulls the kernel's read-ahead window (~128 KB) into the
-    process, so RSS and disk reads grow with the cache size instead of with the rows used.
-    Advice only: ignored where it does not apply (not Linux, not a mapped file).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for array in arrays:
-        if array.nbytes == 0:
-            continue
-        start = array.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(array.ctypes.data + array.nbytes - start),
-                     _MADV_RANDOM)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -35,7 +35,6 @@ from rdkd.training import (
     MetricsLog,
     PairDataset,
     TeacherForwardCounter,
-    advise_random_access,
     build_optimizer,
     build_scheduler,
     collate_pairs,
@@ -127,8 +126,6 @@ def train_student(
             raise UserError(f"cache {cache} was made from another dataset (fingerprint "
                             f"{teacher_cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]} of {spec.path})")
         _verify_cache(teacher_cache, verify_cache)
-        advise_random_access([shard.embeddings for shard in teacher_cache.image_shards()]
-                             + [shard.embeddings for shard in teacher_cache.text_shards()])
     if needs_teacher and teacher_cache is None:
         raise UserError(f"--loss {loss} distils from a teacher: give its embedding cache with --cache")
 
