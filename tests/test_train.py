@@ -328,12 +328,17 @@ def test_warmup_then_cosine():
     (["--weight", "vrdd=1"], "unknown loss term"),
     (["--weight", "fd"], "TERM=NUMBER"),
     (["--student", "ViT-Nope-99"], "ViT-Nope-99"),
+    (["--cache", None], "give its embedding cache"),
+    pytest.param(["--precision", "fp16"], "CUDA", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="fp16 is refused only without CUDA")),
 ])
 def test_bad_options_exit_2_with_one_line(flags, says, tmp_path, capsys, csv_dataset, teacher_cache, tiny_vit):
     argv = ["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
             "--student", tiny_vit, "--loss", "cliprd", "--steps", "2", "--out", str(tmp_path / "run")]
     for flag, value in zip(flags[::2], flags[1::2]):
-        if flag in argv:
+        if value is None:  # drop the option
+            del argv[argv.index(flag):argv.index(flag) + 2]
+        elif flag in argv:
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]
