@@ -3,8 +3,8 @@
 The student sees the very views the teacher embedded (replayed from the cache's crop boxes
 at the student's own size and normalisation) and one caption per image per step, and is
 trained with a CLIP-RD loss preset over the global batch. The teacher is never loaded or
-run: its embeddings come from the cache; the run counts module calls outside the student
-and the loss and reports them as ``teacher_forwards`` (zero).
+run: its embeddings come from the cache; global forward hooks count calls of open_clip
+modules outside the student and the loss, reported as ``teacher_forwards`` (zero).
 
 Output folder (default ``artifacts/students/<name>``)::
 
