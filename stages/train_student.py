@@ -11,6 +11,7 @@ Output folder (default ``artifacts/students/<name>``)::
     checkpoints/step-NNNNNNNN.pt   full training state, every --save-every steps and at the end
     logs/metrics.jsonl             one JSON line per step: every loss term, lr, scales, samples/s
     logs/tb/                       TensorBoard events of the same scalars
+    logs/skipped.jsonl             images that failed to decode: key, reason, step
     export/                        the student alone: weights + open_clip model-config JSON
     run.json                       what was trained (method, student, seed, steps, ...) and how it went
 """
