@@ -24,6 +24,21 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect and check a teacher-embedding cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
+# How to read a dataset: the same options on every command that reads one (rdkd.data.DataSpec).
+DATA_FORMAT = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix).")
+IMAGE_COLUMN = typer.Option("filepath", help="CSV: image path column; Parquet: image bytes column.")
+CAPTION_COLUMN = typer.Option("title", help="Caption column (CSV/Parquet).")
+KEY_COLUMN = typer.Option(None, help="Sample key column (default: derived from the image path).")
+SEPARATOR = typer.Option("\t", help="CSV field separator: a character, or tab / comma.")
+
+
+def _data_spec(data: str, data_format: str, image_column: str, caption_column: str,
+               key_column: Optional[str], separator: str):
+    from rdkd.data import DataSpec
+
+    return DataSpec(data, format=data_format, image_column=image_column, caption_column=caption_column,
+                    key_column=key_column, separator=separator)
+
 
 # --- extract-teacher (stage one) ---------------------------------------------------------
 
@@ -39,11 +54,11 @@ def _float_pair(text: str, option: str) -> tuple[float, float]:
 @app.command("extract-teacher")
 def extract_teacher_command(
     data: str = typer.Option(..., "--data", help="Dataset: CSV/TSV, webdataset shards (.tar, brace pattern) or Parquet."),
-    data_format: str = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix)."),
-    image_column: str = typer.Option("filepath", help="CSV: image path column; Parquet: image bytes column."),
-    caption_column: str = typer.Option("title", help="Caption column (CSV/Parquet)."),
-    key_column: Optional[str] = typer.Option(None, help="Sample key column (default: derived from the image path)."),
-    separator: str = typer.Option("\t", help="CSV field separator."),
+    data_format: str = DATA_FORMAT,
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
+    key_column: Optional[str] = KEY_COLUMN,
+    separator: str = SEPARATOR,
     model: str = typer.Option(..., "--model", help="Teacher: open_clip model name (ViT-L-14), hf-hub:org/name, local-dir:PATH or a model-config .json."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag (openai, laion2b_s32b_b82k) or a local checkpoint file."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache folder (default artifacts/cache/<teacher>_<dataset>)."),
@@ -63,12 +78,10 @@ def extract_teacher_command(
 ) -> None:
     """Run the teacher once over a dataset and write its embeddings to a cache (stage one)."""
     from rdkd.cache.views import ViewConfig
-    from rdkd.data import DataSpec
     from rdkd.models import parse_model_spec
     from rdkd.stages.extract_teacher import extract_teacher
 
-    spec = DataSpec(data, format=data_format, image_column=image_column, caption_column=caption_column,
-                    key_column=key_column, separator=separator)
+    spec = _data_spec(data, data_format, image_column, caption_column, key_column, separator)
     extract_teacher(
         spec, parse_model_spec(model, pretrained), out, batch_size=batch_size, workers=workers, device=device,
         precision=precision, storage_dtype=storage_dtype,
@@ -103,11 +116,11 @@ def cache_verify_command(path: Path = typer.Argument(..., help="Cache folder."))
 @app.command("train-student")
 def train_student_command(
     data: str = typer.Option(..., "--data", help="Dataset: CSV/TSV, webdataset shards (.tar, brace pattern) or Parquet."),
-    data_format: str = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix)."),
-    image_column: str = typer.Option("filepath", help="CSV: image path column; Parquet: image bytes column."),
-    caption_column: str = typer.Option("title", help="Caption column (CSV/Parquet)."),
-    key_column: Optional[str] = typer.Option(None, help="Sample key column (default: derived from the image path)."),
-    separator: str = typer.Option("\t", help="CSV field separator."),
+    data_format: str = DATA_FORMAT,
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
+    key_column: Optional[str] = KEY_COLUMN,
+    separator: str = SEPARATOR,
     cache: Optional[Path] = typer.Option(None, "--cache", help="Teacher-embedding cache of this dataset (rdkd extract-teacher)."),
     student: str = typer.Option(..., "--student", help="open_clip model name or model-config JSON (e.g. pipeline/model_configs/ViT-T-16.json)."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from these weights (checkpoint path or open_clip tag); default random init."),
@@ -132,11 +145,9 @@ def train_student_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a student from the cached teacher embeddings (the teacher is never run)."""
-    from rdkd.data import DataSpec
     from rdkd.stages.train_student import train_student
 
-    spec = DataSpec(data, format=data_format, image_column=image_column, caption_column=caption_column,
-                    key_column=key_column, separator=separator)
+    spec = _data_spec(data, data_format, image_column, caption_column, key_column, separator)
     summary = train_student(
         spec, student, loss, cache, init=init, weights=weight, epochs=epochs, steps=steps,
         batch_size=batch_size, lr=lr, weight_decay=wd, warmup=warmup, grad_clip=grad_clip,
@@ -156,11 +167,11 @@ def train_student_command(
 @app.command("evaluate")
 def evaluate_command(
     data: Optional[str] = typer.Option(None, "--data", help="Retrieval eval set: CSV/TSV, webdataset shards or Parquet (several captions per image allowed)."),
-    data_format: str = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix)."),
-    image_column: str = typer.Option("filepath", help="CSV: image path column; Parquet: image bytes column."),
-    caption_column: str = typer.Option("title", help="Caption column (CSV/Parquet)."),
-    key_column: Optional[str] = typer.Option(None, help="Sample key column (default: derived from the image path)."),
-    separator: str = typer.Option("\t", help="CSV field separator."),
+    data_format: str = DATA_FORMAT,
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
+    key_column: Optional[str] = KEY_COLUMN,
+    separator: str = SEPARATOR,
     model: Optional[str] = typer.Option(None, "--model", help="Model to score: open_clip name, hf-hub:org/name, a student export folder (local-dir:), or a model-config JSON."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or checkpoint path for --model."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Score a teacher cache's own rows instead of a model (no recomputation)."),
@@ -182,15 +193,13 @@ def evaluate_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Metrics JSON path (default artifacts/eval/<name>/metrics.json)."),
 ) -> None:
     """Score a model or a cache: FAISS retrieval R@1/5/10, zero-shot accuracy, geometry fidelity."""
-    from rdkd.data import DataSpec
     from rdkd.models import parse_model_spec
     from rdkd.stages.evaluate import ZeroShotTask, default_output, evaluate
 
     if model is None and pretrained is not None:
         raise UserError("--pretrained needs --model")
     spec = parse_model_spec(model, pretrained) if model is not None else None
-    data_spec = DataSpec(data, format=data_format, image_column=image_column, caption_column=caption_column,
-                         key_column=key_column, separator=separator) if data else None
+    data_spec = _data_spec(data, data_format, image_column, caption_column, key_column, separator) if data else None
     tasks = [ZeroShotTask.parse(t) for t in zeroshot or []]
     run_info = {"method": method, "student": student, "seed": run_seed}
     target = out or (default_output(spec, cache, name, run_info) if (spec is not None) != (cache is not None) else None)
