@@ -8,6 +8,7 @@ asked for, so the resident memory of a reader does not grow with the size of the
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ class CacheShard:
     first_row: int  # global row of the shard's first row
     table: pa.Table
     embeddings: np.ndarray  # [rows, dim] in the storage dtype (bfloat16 as uint16 bits), read-only
+    path: Path
+    embedding_offset: int  # file offset of the first embedding value (rows follow contiguously)
 
 
 class _ShardedColumn:
@@ -58,6 +61,7 @@ class _ShardedColumn:
         self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])[:-1].astype(np.int64)
         self.num_rows = int(sum(rows))
         self._open: OrderedDict[int, CacheShard] = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -67,15 +71,22 @@ class _ShardedColumn:
         if position in self._open:
             self._open.move_to_end(position)
             return self._open[position]
-        table = pa.ipc.open_file(pa.memory_map(str(self.files[position]), "r")).read_all()
-        if table.column("embedding").num_chunks > 1:  # written by another tool: combine once
+        mapped = pa.memory_map(str(self.files[position]), "r")
+        table = pa.ipc.open_file(mapped).read_all()
+        combined = table.column("embedding").num_chunks > 1
+        if combined:  # written by another tool: combine once (in memory, no longer file-backed)
             table = table.combine_chunks()
         column = table.column("embedding")
+        offset = -1
         if len(column) == 0:
             emb = np.zeros((0, column.type.list_size), dtype=fmt.numpy_storage_dtype(self.storage_dtype))
         else:
             emb = fmt.embedding_view(column)
-        opened = CacheShard(self.shard_ids[position], int(self._starts[position]), table, emb)
+            if not combined:
+                mapped.seek(0)
+                offset = emb.__array_interface__["data"][0] - mapped.read_buffer(1).address
+        opened = CacheShard(self.shard_ids[position], int(self._starts[position]), table, emb,
+                            self.files[position], offset)
         self._open[position] = opened
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)
@@ -93,13 +104,39 @@ class _ShardedColumn:
         return position, rows - self._starts[position]
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Stored values [n, dim] of global rows (a copy of just those rows)."""
+        """Stored values [n, dim] of global rows (a copy of just those rows).
+
+        Rows are read with ``pread`` rather than through the mapping: a read through the map
+        faults in the pages around each row (kernel fault-around and read-ahead), which would
+        make a trainer's resident memory grow with the cache; ``pread`` copies just the row.
+        """
         position, local = self.locate(rows)
         out = np.empty((len(local), self.dim), dtype=fmt.numpy_storage_dtype(self.storage_dtype))
+        row_bytes = out.itemsize * self.dim
         for p in np.unique(position):
-            mask = position == p
-            out[mask] = self.shard(p).embeddings[local[mask]]
+            shard = self.shard(p)
+            wanted = np.flatnonzero(position == p)
+            if shard.embedding_offset < 0:  # not file-backed (combined chunks)
+                out[wanted] = shard.embeddings[local[wanted]]
+                continue
+            fd = self._fd(p)
+            for i in wanted:
+                os.preadv(fd, [memoryview(out[i]).cast("B")], shard.embedding_offset + int(local[i]) * row_bytes)
         return out
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def _fd(self, position: int) -> int:
+        """A read-only descriptor of shard ``position`` (a small LRU, closed on eviction)."""
+        if position in self._fds:
+            self._fds.move_to_end(position)
+            return self._fds[position]
+        self._fds[position] = os.open(self.files[position], os.O_RDONLY)
+        if len(self._fds) > self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        return self._fds[position]
 
     def take(self, name: str, rows: np.ndarray) -> pa.Array:
         """Column ``name`` at global rows, in the order asked (one ``take`` per shard touched)."""

@@ -217,8 +217,17 @@ def _anonymous_rss_bytes() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def _file_rss_bytes() -> int:
+    """File-backed resident memory (mapped pages) of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
 def test_reader_memory_does_not_grow_with_cache_size(tmp_path):
-    # 128 MiB of embeddings; opening, looking up and gathering a few rows must not copy them in.
+    # 128 MiB of embeddings; opening, looking up and gathering rows must not copy them in,
+    # nor fault in the mapped pages around each row (rows are read with pread).
     dim, rows = 1024, 16384
     emb = np.zeros((rows, dim), dtype=np.float32)
     emb[:, 0] = 1.0
@@ -229,10 +238,11 @@ def test_reader_memory_does_not_grow_with_cache_size(tmp_path):
     del emb, table, texts
     writer.finalize(tmp_path, {"cache_id": "big", "dim": dim, "storage_dtype": "float32",
                                "views": {"count": 1}, "dataset": {"fingerprint": "x"}}, [part], [])
-    before = _anonymous_rss_bytes()
+    before, file_before = _anonymous_rss_bytes(), _file_rss_bytes()
     cache = TeacherCache.open(tmp_path)
-    entries = [cache.find(f"k{i}") for i in range(0, rows, 997)]
+    entries = [cache.find(f"k{i}") for i in range(0, rows, 61)]
     got = cache.image_embeddings([e.image_rows[0] for e in entries])
-    grown = _anonymous_rss_bytes() - before
+    grown, file_grown = _anonymous_rss_bytes() - before, _file_rss_bytes() - file_before
     assert got.shape == (len(entries), dim) and float(got[:, 0].min()) == 1.0
     assert grown < 16 * 2**20, f"reader grew by {grown / 2**20:.1f} MiB for a 128 MiB cache"
+    assert file_grown < 8 * 2**20, f"mapped pages grew by {file_grown / 2**20:.1f} MiB for {len(entries)} rows"
