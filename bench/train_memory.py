@@ -9,9 +9,8 @@ small student for the same steps in a fresh process (``rdkd train-student`` via
 ``train_student``), which reports its peak RSS.
 The child samples ``/proc/self/status`` every 5 ms and splits its RSS into anonymous
 memory (heap, tensors, the join arrays: what the trainer allocates) and file-backed pages
-(the memory-mapped cache shards it has read: the kernel maps the page cache around each
-row a step reads (fault-around, 64 KB by default, and read-ahead when the file is not cached
-yet); clean pages, shared between processes and reclaimable).
+(libraries, and the memory-mapped cache pages the reader touches: embedding rows are read
+with pread, so only the small key index and crop boxes are read through the mapping).
 
 P5 = peak anonymous RSS (10x cache) - peak anonymous RSS (1x cache); the growth of the
 total peak RSS (``VmHWM``) and of the mapped cache pages is printed beside it. The
@@ -125,8 +124,7 @@ def main() -> None:
     print(f"P5 = peak anonymous RSS growth for a 10x cache = {(big['peak_anon'] - small['peak_anon']) * mb:.1f} MB"
           f"   (target < 200 MB; the 10x cache is {(big['cache_bytes'] - small['cache_bytes']) * mb:.0f} MB larger)")
     print(f"     total peak RSS growth {(big['peak_rss'] - small['peak_rss']) * mb:.1f} MB, of which mapped "
-          f"cache pages {(big['peak_file'] - small['peak_file']) * mb:.1f} MB (the kernel maps ~64 KB of page cache around each row read; "
-          f"clean, shared, reclaimable page cache)")
+          f"file pages {(big['peak_file'] - small['peak_file']) * mb:.1f} MB")
     print(f"P4 teacher forwards while training from an existing cache: "
           f"{results['1x']['teacher_forwards'] + results['10x']['teacher_forwards']}")
 
