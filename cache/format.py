@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -166,26 +165,6 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes | memoryview | pa.Buffer) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the whole file or none of it.
-
-    Written to a temporary name in the same folder, fsynced, renamed over ``path``, and the
-    folder fsynced so that the rename itself survives a crash.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(memoryview(data))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rdkd.cache import format as fmt
+from rdkd.files import atomic_write_bytes
 
 
 def image_table(
@@ -79,7 +80,7 @@ def write_shard(
         ("images", images, fmt.image_file(root, shard)),
     ):
         data = fmt.ipc_bytes(table)
-        fmt.atomic_write(path, data)
+        atomic_write_bytes(path, data)
         record[kind] = {
             "file": path.relative_to(root).as_posix(),
             "rows": table.num_rows,
@@ -87,7 +88,7 @@ def write_shard(
             "sha256": fmt.sha256_bytes(data),
         }
     record["rejects"] = [dict(r) for r in rejects]
-    fmt.atomic_write(fmt.part_file(root, shard), fmt.canonical_json(record))
+    atomic_write_bytes(fmt.part_file(root, shard), fmt.canonical_json(record))
     return record
 
 
@@ -155,7 +156,7 @@ def write_rejects(root: Path, rejects: Sequence[dict]) -> dict:
     sink = pa.BufferOutputStream()
     pq.write_table(rejects_table(rejects), sink)
     data = sink.getvalue()
-    fmt.atomic_write(root / fmt.REJECTS, data)
+    atomic_write_bytes(root / fmt.REJECTS, data)
     return {"file": fmt.REJECTS, "rows": len(rejects), "bytes": data.size, "sha256": fmt.sha256_bytes(data)}
 
 
@@ -176,7 +177,7 @@ def finalize(root: Path, header: dict, parts: Sequence[dict], index_rejects: Seq
     parts = sorted(parts, key=lambda p: p["shard"])
     index = build_index(root, parts)
     index_data = fmt.ipc_bytes(index)
-    fmt.atomic_write(root / fmt.INDEX, index_data)
+    atomic_write_bytes(root / fmt.INDEX, index_data)
     rejects = all_rejects(parts, index_rejects)
     manifest = dict(header)
     manifest.update(
@@ -198,5 +199,5 @@ def finalize(root: Path, header: dict, parts: Sequence[dict], index_rejects: Seq
             "rejects": write_rejects(root, rejects),
         }
     )
-    fmt.atomic_write(root / fmt.MANIFEST, fmt.canonical_json(manifest))
+    atomic_write_bytes(root / fmt.MANIFEST, fmt.canonical_json(manifest))
     return manifest

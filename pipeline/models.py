@@ -44,6 +44,7 @@ import open_clip
 import torch
 
 from rdkd.errors import UserError
+from rdkd.files import atomic_write
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -152,10 +153,10 @@ def export_clip(model: torch.nn.Module, model_config: dict[str, Any], out_dir: s
     weights = out / "open_clip_model.safetensors"
     config = out / "open_clip_config.json"
     bare = out / "model_config.json"
-    _atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
-    _atomic_write(config, lambda tmp: tmp.write_text(json.dumps(
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(config, lambda tmp: tmp.write_text(json.dumps(
         {"model_cfg": model_config, "preprocess_cfg": _jsonable(preprocess_cfg)}, indent=2)))
-    _atomic_write(bare, lambda tmp: tmp.write_text(json.dumps(model_config, indent=2)))
+    atomic_write(bare, lambda tmp: tmp.write_text(json.dumps(model_config, indent=2)))
     return {"dir": out, "weights": weights, "open_clip_config": config, "model_config": bare}
 
 
@@ -429,14 +430,6 @@ def _factory_error_line(spec: ModelSpec, resolved: _Resolved, err: BaseException
     if checkpoint:
         return f"cannot load checkpoint {checkpoint} for model {spec.describe()}: {text[:200]}"
     return f"cannot create model {spec.describe()}: {text[:200]}"
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from rdkd.errors import SampleError, UserError
+from rdkd.files import atomic_write
 
 # CLIP-KD's train augmentation: RandomResizedCrop with scale (0.9, 1.0).
 DEFAULT_CROP_SCALE = (0.9, 1.0)
@@ -352,18 +351,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` atomically: a temp file in the same folder, fsync'd, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``state`` atomically (a reader never sees a partial checkpoint)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:

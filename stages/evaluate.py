@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +55,7 @@ import torch
 from rdkd import metrics as M
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, decode_image, open_dataset
 from rdkd.errors import SampleError, UserError
+from rdkd.files import atomic_write_csv, atomic_write_json
 
 DEFAULT_ARTIFACTS = Path("artifacts")
 RUN_INFO = "run.json"
@@ -534,12 +534,12 @@ def evaluate(
 
     run = _run_labels(model, scored_cache, run_info)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(out, results)
-    _atomic_json(out.parent / EVALUATION_INFO, info)
-    _atomic_json(out.parent / RUN_INFO, run)
+    atomic_write_json(out, results)
+    atomic_write_json(out.parent / EVALUATION_INFO, info)
+    atomic_write_json(out.parent / RUN_INFO, run)
     if per_class:
         for name, rows in per_class_tables.items():
-            _atomic_csv(out.parent / f"zeroshot_{name}_per_class.csv", ["class", "top1"], rows)
+            atomic_write_csv(out.parent / f"zeroshot_{name}_per_class.csv", ["class", "top1"], rows)
     return results
 
 
@@ -590,16 +590,3 @@ def _run_labels(model, cache, run_info: dict[str, Any] | None) -> dict[str, Any]
     return base
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)

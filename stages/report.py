@@ -22,17 +22,16 @@ Output folder (default ``artifacts/report``):
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import math
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from rdkd.errors import UserError
+from rdkd.files import atomic_write, atomic_write_csv, atomic_write_text
 
 DEFAULT_OUT = Path("artifacts/report")
 DEFAULT_INPUTS = ("artifacts/eval/**/metrics.json",)
@@ -159,13 +158,13 @@ def _write_markdown(path: Path, groups: list[dict], all_metrics: list[str], plot
         if plot is not None:
             lines += ["", f"![{title}]({plot.name})"]
         lines.append("")
-    _atomic_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _write_runs_csv(path: Path, runs: list[dict], all_metrics: list[str]) -> None:
     rows = [[r["path"], r["method"], r["student"], "" if r["seed"] is None else r["seed"]]
             + [r["metrics"].get(m, "") for m in all_metrics] for r in runs]
-    _atomic_csv(path, ["path", "method", "student", "seed"] + all_metrics, rows)
+    atomic_write_csv(path, ["path", "method", "student", "seed"] + all_metrics, rows)
 
 
 def _write_table_csv(path: Path, groups: list[dict], all_metrics: list[str]) -> None:
@@ -178,7 +177,7 @@ def _write_table_csv(path: Path, groups: list[dict], all_metrics: list[str]) -> 
         for m in all_metrics:
             row += list(g["stats"][m][:2]) if m in g["stats"] else ["", ""]
         rows.append(row)
-    _atomic_csv(path, header, rows)
+    atomic_write_csv(path, header, rows)
 
 
 def _plot_sections(out: Path, groups: list[dict], all_metrics: list[str]) -> list[Path]:
@@ -206,24 +205,9 @@ def _plot_sections(out: Path, groups: list[dict], all_metrics: list[str]) -> lis
         ax.legend(fontsize="small")
         fig.tight_layout()
         path = out / f"{prefix}.png"
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
     return written
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from rdkd.errors import UserError

@@ -214,15 +214,15 @@ def test_too_many_rejects_fail_with_one_line_and_keep_finished_shards(tmp_path, 
 # name, then the process sleeps until the test kills it (as a crash in the middle of a write).
 _TORN_WRITE_DRIVER = """
 import os, sys, time
-import rdkd.cache.format as fmt
-real_write = fmt.atomic_write
+import rdkd.cache.writer as writer
+real_write = writer.atomic_write_bytes
 def torn_write(path, data):
     if path.parent.name == "images" and path.name == "part-00001.arrow":
         data = bytes(memoryview(data))
         path.with_name(f".{path.name}.tmp-{os.getpid()}").write_bytes(data[: len(data) // 2])
         time.sleep(600)
     real_write(path, data)
-fmt.atomic_write = torn_write
+writer.atomic_write_bytes = torn_write
 from rdkd.cli import main
 sys.argv = ["rdkd"] + sys.argv[1:]
 main()
