@@ -126,6 +126,7 @@ def train_student_command(
     init: Optional[str] = typer.Option(None, "--init", help="Start from these weights (checkpoint path or open_clip tag); default random init."),
     loss: str = typer.Option("cliprd", "--loss", help="Loss preset: clip, crd, fd, icl, clipkd, vrd, xrd, cliprd, distill, tinyclip."),
     weight: Optional[List[str]] = typer.Option(None, "--weight", help="Override one term weight, TERM=VALUE (repeatable), e.g. fd=1000."),
+    scale_param: str = typer.Option("raw", "--scale-param", help="The loss's learnable scales a_I, a_T, a_X: raw (used as is, as the reference code) or exp (exp() clamped at 100, like CLIP's logit scale)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Train this many epochs (or give --steps)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Train this many optimizer steps (or give --epochs)."),
     batch_size: int = typer.Option(256, "--batch-size", min=2, help="Global batch size (split over torchrun processes)."),
@@ -149,7 +150,7 @@ def train_student_command(
 
     spec = _data_spec(data, data_format, image_column, caption_column, key_column, separator)
     summary = train_student(
-        spec, student, loss, cache, init=init, weights=weight, epochs=epochs, steps=steps,
+        spec, student, loss, cache, init=init, weights=weight, scale_param=scale_param, epochs=epochs, steps=steps,
         batch_size=batch_size, lr=lr, weight_decay=wd, warmup=warmup, grad_clip=grad_clip,
         precision=precision, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, out=out, verify_cache=verify_cache,

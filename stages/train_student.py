@@ -53,7 +53,7 @@ FULL_VERIFY_MAX_BYTES = 2 << 30
 # Decode failures recorded by key in logs/skipped.jsonl (all are counted in run.json).
 MAX_SKIPPED_RECORDS = 10_000
 # Settings that shape the trajectory: a resumed run must agree on all of them.
-RESUME_MUST_MATCH = ("student", "method", "weights", "seed", "global_batch", "total_steps",
+RESUME_MUST_MATCH = ("student", "method", "weights", "scale_param", "seed", "global_batch", "total_steps",
                      "lr", "weight_decay", "warmup", "grad_clip", "precision",
                      "dataset_fingerprint", "cache_fingerprint")
 
@@ -66,6 +66,7 @@ def train_student(
     *,
     init: str | Path | None = None,
     weights: Sequence[str] | dict[str, float] | None = None,
+    scale_param: str = "raw",
     epochs: int | None = None,
     steps: int | None = None,
     batch_size: int = 256,
@@ -88,7 +89,9 @@ def train_student(
 
     ``data`` is a :class:`rdkd.data.DataSpec` or a dataset path; ``student`` an open_clip
     model name or a model-config JSON; ``loss`` a preset of :mod:`rdkd.losses` with
-    ``weights`` overrides (``["fd=1000"]`` or ``{"fd": 1000}``). ``batch_size`` is the
+    ``weights`` overrides (``["fd=1000"]`` or ``{"fd": 1000}``); ``scale_param`` ``raw`` (the
+    loss's scales a_I, a_T, a_X used as they are, as in the reference code) or ``exp`` (used
+    as exp() clamped at 100, like CLIP's logit scale). ``batch_size`` is the
     global batch (split over torchrun ranks). Give ``epochs`` or ``steps``. ``warmup``
     defaults to CLIP-KD's 10k steps, capped at a tenth of a shorter run. ``resume``: a
     checkpoint file, or a run folder / its ``checkpoints`` folder (latest checkpoint).
@@ -144,8 +147,8 @@ def train_student(
     image_cfg = ImageCfg.of_model(model)
     student_dim = built.embed_dim
     teacher_dim = teacher_cache.dim if teacher_cache is not None else student_dim
-    loss_module = losses.DistillLoss(term_weights, student_dim=student_dim,
-                                     teacher_dim=teacher_dim).to(torch_device)
+    loss_module = losses.DistillLoss(term_weights, student_dim=student_dim, teacher_dim=teacher_dim,
+                                     scale_param=scale_param).to(torch_device)
 
     pairs = PairDataset(dataset, tokenizer, image_cfg, seed, cache=teacher_cache)
     local_batch = batch_size // dist.world_size
@@ -157,7 +160,8 @@ def train_student(
     warmup = min(10_000, total_steps // 10) if warmup is None else warmup
 
     config = {
-        "student": student, "method": loss, "weights": loss_module.weights, "seed": seed,
+        "student": student, "method": loss, "weights": loss_module.weights,
+        "scale_param": scale_param, "seed": seed,
         "global_batch": batch_size, "total_steps": total_steps, "lr": lr,
         "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
         "precision": precision, "dataset_fingerprint": dataset.fingerprint,
@@ -308,7 +312,7 @@ def train_student(
         "epochs": total_steps / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
         "global_batch": batch_size, "world_size": dist.world_size, "lr": lr,
         "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
-        "precision": precision, "weights": loss_module.weights,
+        "precision": precision, "weights": loss_module.weights, "scale_param": scale_param,
         "data": str(spec.path), "dataset_fingerprint": dataset.fingerprint,
         "cache": str(cache) if cache is not None else None,
         "cache_fingerprint": config["cache_fingerprint"],

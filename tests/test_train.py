@@ -121,6 +121,14 @@ def test_metrics_log_every_term_lr_scales_and_speed(tmp_path, csv_dataset, teach
     assert first["scale/a_img"] == pytest.approx(np.log(1 / 0.07), rel=1e-2)
 
 
+def test_exp_parameterised_scales_start_at_one_over_0_07(tmp_path, csv_dataset, teacher_cache, tiny_vit):
+    run = tmp_path / "run"
+    summary = train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=2, out=run,
+                            scale_param="exp", **FAST)
+    assert summary["scale_param"] == "exp"
+    assert _metrics(run)[0]["scale/a_cross"] == pytest.approx(1 / 0.07, rel=2e-2)
+
+
 def test_replayed_views_and_captions_match_their_teacher_rows(teacher_cache, csv_dataset, tiny_teacher):
     """A student that *is* the teacher, fed what PairDataset replays, reproduces the cached
     embedding of exactly the chosen view and caption: the join, the view replay (crop box,
@@ -327,6 +335,7 @@ def test_warmup_then_cosine():
     (["--loss", "nope"], "unknown loss preset"),
     (["--weight", "vrdd=1"], "unknown loss term"),
     (["--weight", "fd"], "TERM=NUMBER"),
+    (["--scale-param", "log"], "unknown scale_param"),
     (["--student", "ViT-Nope-99"], "ViT-Nope-99"),
     (["--cache", None], "give its embedding cache"),
     pytest.param(["--precision", "fp16"], "CUDA", marks=pytest.mark.skipif(
