@@ -209,3 +209,21 @@ def write_tiny_clip(root: Path, seed: int = 0, config: dict | None = None) -> Mo
     checkpoint = root / "tiny-clip.pt"
     torch.save(model.state_dict(), checkpoint)
     return ModelSpec(config=str(config_path), pretrained=str(checkpoint))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Run ``rdkd ARGS`` in-process as the console script does; (exit code, stderr)."""
+    import sys
+
+    from rdkd import cli
+
+    old_argv = sys.argv
+    sys.argv = ["rdkd", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = old_argv
+    return code, capsys.readouterr().err

@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from builders import make_image
+from builders import make_image, run_cli
 from rdkd import metrics
 from rdkd.errors import UserError
 from rdkd.stages.evaluate import ZeroShotTask, evaluate
 from rdkd.stages.report import mean_std, report
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    """Run ``rdkd ARGS`` in-process; (exit code, stderr)."""
-    from rdkd import cli
-
-    old_argv = sys.argv
-    sys.argv = ["rdkd", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = old_argv
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import builders
-from rdkd.errors import UserError
+from builders import run_cli
 from rdkd.stages.train_student import train_student
 from rdkd.training import EpochBatchSampler, PairDataset, WarmupCosine, build_optimizer
 
@@ -67,22 +67,6 @@ def teacher_cache(tmp_path_factory, tiny_teacher, csv_dataset) -> Path:
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Run ``rdkd`` in-process through its console entry; (exit code, stderr)."""
-    from rdkd import cli
-
-    old = sys.argv
-    sys.argv = ["rdkd", *argv]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
 
 
 def _one_error_line(err: str) -> str:
@@ -250,7 +234,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_checkpoint(
 
     monkeypatch.setitem(losses.TERMS, "xrd", dataclasses.replace(real, compute=xrd_goes_nan))
     run = tmp_path / "run"
-    code, err = _cli(["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
+    code, err = run_cli(["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
                       "--student", tiny_vit, "--loss", "cliprd", "--steps", "6", "--batch-size", "4",
                       "--save-every", "2", "--workers", "0", "--no-progress", "--out", str(run)], capsys)
     line = _one_error_line(err)
@@ -351,13 +335,13 @@ def test_bad_options_exit_2_with_one_line(flags, says, tmp_path, capsys, csv_dat
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]
-    code, err = _cli(argv, capsys)
+    code, err = run_cli(argv, capsys)
     assert code == 2 and says in _one_error_line(err)
     assert not (tmp_path / "run").exists()
 
 
 def test_cache_of_another_dataset_is_refused(tmp_path, capsys, wds_dataset, teacher_cache, tiny_vit):
-    code, err = _cli(["train-student", "--data", wds_dataset.path, "--cache", str(teacher_cache),
+    code, err = run_cli(["train-student", "--data", wds_dataset.path, "--cache", str(teacher_cache),
                       "--student", tiny_vit, "--steps", "2", "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "another dataset" in _one_error_line(err)
     assert not (tmp_path / "run").exists()
@@ -372,7 +356,7 @@ def test_damaged_cache_is_refused(tmp_path, capsys, csv_dataset, teacher_cache, 
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    code, err = _cli(["train-student", "--data", csv_dataset.path, "--cache", str(damaged),
+    code, err = run_cli(["train-student", "--data", csv_dataset.path, "--cache", str(damaged),
                       "--student", tiny_vit, "--steps", "2", "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "damaged" in _one_error_line(err) and "sha256" in err
 
@@ -385,11 +369,11 @@ def test_resume_of_another_run_is_refused_and_overwrites_nothing(
     base = ["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
             "--steps", "2", "--batch-size", "4", "--warmup", "1", "--lr", "0.002",
             "--workers", "0", "--resume", str(run)]
-    code, err = _cli(base + ["--student", tiny_resnet, "--loss", "cliprd"], capsys)
+    code, err = run_cli(base + ["--student", tiny_resnet, "--loss", "cliprd"], capsys)
     assert code == 2 and "student" in _one_error_line(err)
-    code, err = _cli(base + ["--student", tiny_vit, "--loss", "clipkd"], capsys)
+    code, err = run_cli(base + ["--student", tiny_vit, "--loss", "clipkd"], capsys)
     assert code == 2 and "method" in _one_error_line(err)
-    code, err = _cli(["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
+    code, err = run_cli(["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
                       "--student", tiny_vit, "--steps", "2", "--batch-size", "4", "--out", str(run)], capsys)
     assert code == 2 and "already holds" in _one_error_line(err)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
