@@ -63,6 +63,17 @@ def test_quick_profile_of_the_demo_chain(tmp_path: Path) -> None:
     assert metrics.returncode == 0, metrics.stderr
     assert "retrieval/i2t_r1" in metrics.stdout
 
+    # The demo teacher is a plain open_clip model: it loads without rdkd.
+    export = work / "artifacts/demo/teacher/export"
+    load = subprocess.run([sys.executable, "-c", (
+        "import sys, open_clip, torch\n"
+        f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{export}')\n"
+        f"tokens = open_clip.get_tokenizer('local-dir:{export}')(['a red circle'])\n"
+        "print(model.encode_text(tokens).shape[-1])\n"
+        "assert 'rdkd' not in sys.modules\n")], capture_output=True, text=True, timeout=120)
+    assert load.returncode == 0, load.stderr[-2000:]
+    assert load.stdout.strip() == "128"
+
     # A second repro has nothing to do: every stage is cached.
     again = _dvc(["status"], work)
     assert again.returncode == 0 and "changed" not in again.stdout, again.stdout
