@@ -108,7 +108,8 @@ class _ShardedColumn:
 
         Rows are read with ``pread`` rather than through the mapping: a read through the map
         faults in the pages around each row (kernel fault-around and read-ahead), which would
-        make a trainer's resident memory grow with the cache; ``pread`` copies just the row.
+        make a trainer's resident memory grow with the cache; ``pread`` copies just the rows.
+        The rows of a call are read in file order, each run of adjacent rows in one call.
         """
         position, local = self.locate(rows)
         out = np.empty((len(local), self.dim), dtype=fmt.numpy_storage_dtype(self.storage_dtype))
@@ -120,8 +121,15 @@ class _ShardedColumn:
                 out[wanted] = shard.embeddings[local[wanted]]
                 continue
             fd = self._fd(p)
-            for i in wanted:
-                os.preadv(fd, [memoryview(out[i]).cast("B")], shard.embedding_offset + int(local[i]) * row_bytes)
+            wanted = wanted[np.argsort(local[wanted], kind="stable")]
+            rows_in_file = local[wanted]
+            # runs of distinct adjacent rows: one read each, straight into a contiguous buffer
+            breaks = np.flatnonzero(np.diff(rows_in_file) != 1) + 1
+            for run in np.split(np.arange(len(wanted)), breaks):
+                first, count = int(rows_in_file[run[0]]), len(run)
+                block = np.empty((count, self.dim), dtype=out.dtype)
+                os.preadv(fd, [memoryview(block).cast("B")], shard.embedding_offset + first * row_bytes)
+                out[wanted[run]] = block
         return out
 
     def __del__(self) -> None:
@@ -160,8 +168,11 @@ class _ShardedColumn:
         return array.to_numpy(zero_copy_only=False)
 
 
-def _to_tensor(stored: np.ndarray, storage_dtype: str) -> torch.Tensor:
-    return torch.from_numpy(fmt.from_storage(stored, storage_dtype))
+def _to_tensor(stored: np.ndarray, storage_dtype: str, as_stored: bool = False) -> torch.Tensor:
+    if not as_stored:
+        return torch.from_numpy(fmt.from_storage(stored, storage_dtype))
+    values = torch.from_numpy(stored)
+    return values.view(torch.bfloat16) if storage_dtype == "bfloat16" else values  # bf16 is stored as uint16 bits
 
 
 class TeacherCache:
@@ -281,13 +292,15 @@ class TeacherCache:
 
     # -- embeddings ------------------------------------------------------------------------------
 
-    def image_embeddings(self, rows) -> torch.Tensor:
-        """float32 [n, dim] image embeddings of global image rows (L2-normalised before storage)."""
-        return _to_tensor(self.images.gather(rows), self.storage_dtype)
+    def image_embeddings(self, rows, stored: bool = False) -> torch.Tensor:
+        """[n, dim] image embeddings of global image rows (L2-normalised before storage):
+        float32, or with ``stored`` the storage dtype as a torch tensor (float16, bfloat16 or
+        float32: the exact stored values at the fewest bytes, e.g. to ship between processes)."""
+        return _to_tensor(self.images.gather(rows), self.storage_dtype, stored)
 
-    def text_embeddings(self, rows) -> torch.Tensor:
-        """float32 [n, dim] caption embeddings of global text rows."""
-        return _to_tensor(self.texts.gather(rows), self.storage_dtype)
+    def text_embeddings(self, rows, stored: bool = False) -> torch.Tensor:
+        """[n, dim] caption embeddings of global text rows (float32, or the storage dtype)."""
+        return _to_tensor(self.texts.gather(rows), self.storage_dtype, stored)
 
     def view_params(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """(crop [n, 4] float32 left/top/right/bottom in original pixels, flip [n] bool) of image rows."""

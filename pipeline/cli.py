@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from rdkd.errors import UserError
+from rdkd.errors import Diverged, UserError
 
 app = typer.Typer(
     help="Distil open_clip teachers into small students from an offline teacher-embedding cache.",
@@ -143,6 +143,9 @@ def train_student_command(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint file or a run folder (its latest checkpoint)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default artifacts/students/<student>-<loss>-seed<seed>)."),
     verify_cache: Optional[bool] = typer.Option(None, "--verify-cache/--no-verify-cache", help="Checksum every cache file first (default: only caches up to 2 GiB; bigger ones get a size check)."),
+    log_every: int = typer.Option(50, "--log-every", min=1, help="Steps per log record: loss means, rates, data-wait and compute time, and the non-finite check (the one host-device sync of an interval)."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Where metrics.jsonl, TensorBoard events and skipped.jsonl go (default <out>/logs)."),
+    compile_student: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the student (see BENCHMARKS.md for when it pays)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a student from the cached teacher embeddings (the teacher is never run)."""
@@ -154,7 +157,7 @@ def train_student_command(
         batch_size=batch_size, lr=lr, weight_decay=wd, warmup=warmup, grad_clip=grad_clip,
         precision=precision, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, out=out, verify_cache=verify_cache,
-        progress=progress,
+        log_every=log_every, log_dir=log_dir, compile=compile_student, progress=progress,
     )
     final = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
     print(f"trained {summary['student']} with {summary['method']} for {summary['steps']} steps "
@@ -271,12 +274,16 @@ def demo_data_command(
 
 
 def main() -> None:
-    """Console-script entry: run the app, turning user errors into one line and exit code 2."""
+    """Console-script entry: run the app, turning user errors into one line and exit code 2
+    and a diverged training run into one line and exit code 3."""
     try:
         app()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -15,3 +15,8 @@ class SampleError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class Diverged(Exception):
+    """A run that was started correctly stopped because its numbers went bad (a loss or a
+    weight became NaN or inf). Not the user's typo: the CLI prints one line and exits 3."""

@@ -466,10 +466,11 @@ class DistillLoss(nn.Module):
             return None
         return param.exp().clamp(max=MAX_SCALE) if self.scale_param == "exp" else param
 
-    def scales(self) -> dict[str, float]:
-        """The loss's own multipliers as used now (a_I, a_T, a_X), for logging."""
+    def scales(self) -> dict[str, torch.Tensor]:
+        """The loss's own multipliers as used now (a_I, a_T, a_X), detached 0-dim tensors
+        for logging (read them at a log point: reading is a host-device synchronisation)."""
         named = {"a_img": self.scale_img, "a_txt": self.scale_txt, "a_cross": self.scale_cross}
-        return {k: float(self._effective(p).detach()) for k, p in named.items() if p is not None}
+        return {k: self._effective(p).detach() for k, p in named.items() if p is not None}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups for the loss's parameters: head matrices decayed, the rest not."""

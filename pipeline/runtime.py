@@ -12,6 +12,12 @@
   host-side transform gives.
 - :func:`decode_or_reason`: one dataset item that either decodes and transforms or
   carries the reason it was skipped, never raising for a bad sample.
+- :func:`device_batches`: a loader's batches on the device, copied from pinned memory
+  on a side stream (CUDA) while the previous step runs; :func:`prefetch_factor` sizes the
+  DataLoader's prefetch by bytes in flight, not by batches.
+- :class:`HostSyncCounter`: counts the operations that make the host wait for the device
+  (``.item()``, ``float(t)``, ``bool(t)``, ``nonzero``, copies to the CPU), to keep them
+  out of a training step. It counts on any device, so a CPU test sees them too.
 - :func:`progress`: a rich progress display (or a silent one) shared by the stages.
 """
 
@@ -21,6 +27,7 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms
 
 from rdkd.errors import SampleError, UserError
@@ -100,6 +107,72 @@ def decode_or_reason(read_bytes: Callable[[], bytes], transform: Callable[[Any],
         return transform(decode_image(read_bytes())), None
     except SampleError as err:
         return None, err.reason
+
+
+def prefetch_factor(batch_bytes: int, workers: int, budget_bytes: int) -> int | None:
+    """Batches each DataLoader worker may have ready, so that all workers together keep at
+    most ``budget_bytes`` of finished batches queued (at least one each, at most four)."""
+    if workers == 0:
+        return None
+    return max(1, min(4, budget_bytes // max(1, workers * batch_bytes)))
+
+
+def to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> dict:
+    """The batch with every tensor moved to ``device`` (other values as they are)."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def device_batches(loader: Any, device: torch.device) -> Iterator[dict]:
+    """The loader's dict batches on ``device``. On CUDA, batch i+1 is copied on a side
+    stream while the caller's step on batch i runs; the compute stream waits for the copy
+    before using it, and the tensors are marked as used by that stream so the allocator
+    does not reuse their memory early."""
+    batches = iter(loader)
+    if device.type != "cuda":
+        yield from (to_device(b, device) for b in batches)
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def stage(batch: dict) -> dict:
+        with torch.cuda.stream(copy_stream):
+            return to_device(batch, device)
+
+    staged = stage(next(batches))
+    while staged is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)
+        for value in staged.values():
+            if isinstance(value, torch.Tensor):
+                value.record_stream(compute)
+        current = staged
+        upcoming = next(batches, None)
+        staged = stage(upcoming) if upcoming is not None else None
+        yield current
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts, while active, the tensor operations after which the host must wait for the
+    device: reading a value (``_local_scalar_dense``: ``.item()``, ``float``, ``int``,
+    ``bool``), ``nonzero`` (its output size), ``equal``, and copies to the CPU. ``count``
+    is the total, ``ops`` the names seen. ``.tolist()`` does not dispatch: read through
+    ``.cpu()``/``.to("cpu")`` to be counted."""
+
+    SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        to_host = name == "aten._to_copy.default" and str(kwargs.get("device", "")) == "cpu"
+        if name in self.SYNCING or to_host:
+            self.count += 1
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -1,14 +1,15 @@
 """Building blocks of student training, usable from any training loop.
 
-- :class:`PairDataset` joins a dataset with a teacher cache by key and yields one
-  (image, caption) pair per sample: the image as the student sees it (a replayed cached
-  view, or the student's own RandomResizedCrop when there is no cache), the caption
-  tokenised, and the cache rows of the teacher embeddings that belong to exactly that view
-  and that caption.
+- :class:`PairDataset` joins a dataset with a teacher cache by key and yields local
+  batches of (image, caption) pairs, built in DataLoader workers: images as uint8 at the
+  student's input size (normalise on the device with :class:`rdkd.runtime.DeviceNormalize`:
+  a quarter of float32's bytes cross the process boundary), the captions tokenised, and the
+  teacher rows of exactly those views and captions, gathered with one read per batch and
+  shipped in the cache's storage dtype (float16 by default: the exact stored values).
 - :class:`EpochBatchSampler` shards and shuffles deterministically per epoch (seed +
   epoch), and can start in the middle of an epoch, which is what makes resume exact.
 - the optimizer (open_clip's decay rule), the warm-up + cosine schedule, atomic checkpoint
-  files and the RNG state they carry, and the per-step metrics log.
+  files and the RNG state they carry, and the metrics log.
 
 Every random choice a sample needs (view, caption, crop) derives from (seed, epoch,
 index), never from a worker's RNG state, so any number of DataLoader workers, processes
@@ -22,15 +23,16 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from rdkd.errors import SampleError, UserError
+from rdkd.errors import Diverged, SampleError, UserError
 from rdkd.files import atomic_write
+from rdkd.runtime import uint8_transform
 
 # CLIP-KD's train augmentation: RandomResizedCrop with scale (0.9, 1.0).
 DEFAULT_CROP_SCALE = (0.9, 1.0)
@@ -39,8 +41,8 @@ DEFAULT_CROP_SCALE = (0.9, 1.0)
 MAX_CONSECUTIVE_BAD_SAMPLES = 64
 
 
-class LossNotFinite(UserError):
-    """The loss became NaN or inf; the message names the step and the term."""
+class LossNotFinite(Diverged):
+    """The loss or the weights became NaN or inf; the message names the step and the term."""
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -82,7 +84,11 @@ class ImageCfg:
 class PairDataset(torch.utils.data.Dataset):
     """(image, caption) training pairs of a dataset, joined by key with a teacher cache.
 
-    Items are addressed by ``(epoch, position)`` (what :class:`EpochBatchSampler` yields);
+    Indexed by a list of ``(epoch, position)`` items (one local batch, as
+    :class:`EpochBatchSampler` yields them; give the DataLoader ``sampler=`` and
+    ``batch_size=None``) and returns the batch as a dict: ``image`` uint8 [B, 3, H, W],
+    ``text`` tokens, ``index`` dataset entries, ``image_row`` / ``text_row`` cache rows,
+    ``t_img`` / ``t_txt`` the teacher rows in storage dtype (with a cache), ``skipped``.
     ``position`` indexes the usable entries: dataset entries the cache holds and did not
     reject (without a cache: every entry). An image that fails to decode is skipped: the
     item falls back to the next usable entry and reports the skipped key with its reason.
@@ -113,7 +119,7 @@ class PairDataset(torch.utils.data.Dataset):
         self._crop_scale = crop_scale
         self._augment = None
         self._eval = None
-        self._normalize = None
+        self._to_uint8 = None
 
     def _join(self, data: Any, cache: Any) -> None:
         """Rows of every usable entry, as flat arrays (no per-entry Python objects: a
@@ -146,7 +152,7 @@ class PairDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:
         """Picklable for spawn/forkserver DataLoader workers: the memory-mapped cache is
         reopened from its folder in the worker, the transforms are rebuilt there."""
-        state = dict(self.__dict__, _augment=None, _eval=None, _normalize=None)
+        state = dict(self.__dict__, _augment=None, _eval=None, _to_uint8=None)
         if self.cache is not None:
             state["cache"] = None
             state["_cache_root"] = str(self.cache.root)
@@ -160,8 +166,25 @@ class PairDataset(torch.utils.data.Dataset):
 
             self.cache = TeacherCache.open(root)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict:
-        epoch, position = item
+    def __getitem__(self, items: Sequence[tuple[int, int]]) -> dict:
+        """One local batch, built in a DataLoader worker (see the module docstring)."""
+        samples = [self.sample(epoch, position) for epoch, position in items]
+        batch = {
+            "image": torch.stack([s["image"] for s in samples]),
+            "text": torch.stack([s["text"] for s in samples]),
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+            "image_row": torch.tensor([s["image_row"] for s in samples], dtype=torch.int64),
+            "text_row": torch.tensor([s["text_row"] for s in samples], dtype=torch.int64),
+            "skipped": [skip for s in samples for skip in s["skipped"]],
+        }
+        if self.cache is not None:
+            batch["t_img"] = self.cache.image_embeddings(batch["image_row"].numpy(), stored=True)
+            batch["t_txt"] = self.cache.text_embeddings(batch["text_row"].numpy(), stored=True)
+        return batch
+
+    def sample(self, epoch: int, position: int) -> dict:
+        """Item ``position`` of ``epoch``: uint8 image, tokens, dataset index, cache rows
+        (-1 without a cache) and the (key, reason) of images skipped on the way."""
         skipped = []
         for attempt in range(MAX_CONSECUTIVE_BAD_SAMPLES):
             pos = (position + attempt) % len(self.entries)
@@ -197,54 +220,42 @@ class PairDataset(torch.utils.data.Dataset):
                 pixels = self._evaluated(image)
             else:
                 box, flip = self.cache.view_params(np.asarray([image_row], dtype=np.int64))
-                pixels = self._normalized(render_view(image, box[0].tolist(), bool(flip[0]),
-                                                      self.image_cfg.size, self.image_cfg.interpolation))
+                pixels = self._uint8(render_view(image, box[0].tolist(), bool(flip[0]),
+                                                 self.image_cfg.size, self.image_cfg.interpolation))
         text = self.tokenizer([captions[caption_choice]])[0]
         return {"image": pixels, "text": text, "index": index,
                 "image_row": image_row, "text_row": text_row}
 
     def _augmented(self, image: Image.Image, torch_seed: int) -> torch.Tensor:
-        """open_clip's train transform, its torch RNG seeded from the sample's own stream."""
+        """open_clip's train transform (up to uint8), its torch RNG seeded from the sample's own stream."""
         if self._augment is None:
             import open_clip
 
             cfg = self.image_cfg
-            self._augment = open_clip.image_transform(
+            self._augment = uint8_transform(open_clip.image_transform(
                 cfg.size, is_train=True, mean=cfg.mean, std=cfg.std,
-                interpolation=cfg.interpolation, aug_cfg={"scale": self._crop_scale})
+                interpolation=cfg.interpolation, aug_cfg={"scale": self._crop_scale}))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
             return self._augment(image)
 
     def _evaluated(self, image: Image.Image) -> torch.Tensor:
+        """open_clip's eval transform (up to uint8) at the student's size."""
         if self._eval is None:
             import open_clip
 
             cfg = self.image_cfg
-            self._eval = open_clip.image_transform(
+            self._eval = uint8_transform(open_clip.image_transform(
                 cfg.size, is_train=False, mean=cfg.mean, std=cfg.std,
-                interpolation=cfg.interpolation, resize_mode=cfg.resize_mode)
+                interpolation=cfg.interpolation, resize_mode=cfg.resize_mode))
         return self._eval(image)
 
-    def _normalized(self, view: Image.Image) -> torch.Tensor:
-        if self._normalize is None:
+    def _uint8(self, view: Image.Image) -> torch.Tensor:
+        if self._to_uint8 is None:
             from torchvision import transforms
 
-            self._normalize = transforms.Compose([
-                transforms.ToTensor(), transforms.Normalize(self.image_cfg.mean, self.image_cfg.std)])
-        return self._normalize(view)
-
-
-def collate_pairs(samples: list[dict]) -> dict:
-    """Stack a list of :meth:`PairDataset.__getitem__` results into one batch."""
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "text": torch.stack([s["text"] for s in samples]),
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-        "image_row": np.asarray([s["image_row"] for s in samples], dtype=np.int64),
-        "text_row": np.asarray([s["text_row"] for s in samples], dtype=np.int64),
-        "skipped": [skip for s in samples for skip in s["skipped"]],
-    }
+            self._to_uint8 = transforms.PILToTensor()
+        return self._to_uint8(view)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -305,10 +316,13 @@ def param_groups(model: torch.nn.Module, loss_module: torch.nn.Module,
 
 def build_optimizer(model: torch.nn.Module, loss_module: torch.nn.Module, lr: float,
                     weight_decay: float, betas: tuple[float, float] = (0.9, 0.98),
-                    eps: float = 1e-6) -> torch.optim.AdamW:
-    """AdamW with CLIP-KD's settings (lr 1e-3, wd 0.1, betas (0.9, 0.98), eps 1e-6)."""
+                    eps: float = 1e-6, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with CLIP-KD's settings (lr 1e-3, wd 0.1, betas (0.9, 0.98), eps 1e-6).
+    ``fused``: torch's fused kernel, which keeps the step counts on the device (the default
+    implementation reads them on the host every step) and takes GradScaler's inf check
+    without a host synchronisation."""
     return torch.optim.AdamW(param_groups(model, loss_module, weight_decay), lr=lr,
-                             betas=betas, eps=eps)
+                             betas=betas, eps=eps, fused=fused)
 
 
 class WarmupCosine:
@@ -404,9 +418,56 @@ class TeacherForwardCounter:
             handle.remove()
 
 
+class LogWindow:
+    """The loss terms of the steps since the last log point, summed on the device.
+
+    ``add`` launches a few device operations per step and never waits for the device;
+    ``read`` copies the sums, the scalars asked for and the non-finite state to the host in
+    one transfer (the one synchronisation of a log interval) and starts a new window. Per
+    term it keeps the first step whose value was not finite (-1: none), so a divergence
+    is reported with its step whenever it is looked at.
+    """
+
+    def __init__(self, names: Sequence[str], device: torch.device, step: int = 0):
+        self.names = ["total", *names]
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((len(self.names),), -1, dtype=torch.int64, device=device)
+        self._step = torch.tensor(step, dtype=torch.int64, device=device)
+        self.steps = 0
+
+    def add(self, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([total.detach(), *(parts[n] for n in self.names[1:])]).double()
+        self._step += 1
+        self.sums += values
+        newly_bad = ~torch.isfinite(values) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, self._step, self.first_bad)
+        self.steps += 1
+
+    def read(self, *scalars: torch.Tensor) -> tuple[dict[str, float], dict[str, int], list[float]]:
+        """(mean of each term over the window, first non-finite step of each term that had
+        one, the values of ``scalars``), then an empty window."""
+        host = torch.cat([self.sums, self.first_bad.double(),
+                          *(x.detach().double().reshape(-1) for x in scalars)]).to("cpu", copy=True).tolist()
+        n = len(self.names)
+        means = {name: host[i] / max(1, self.steps) for i, name in enumerate(self.names)}
+        bad = {name: int(host[n + i]) for i, name in enumerate(self.names) if host[n + i] >= 0}
+        self.sums.zero_()
+        self.steps = 0
+        return means, bad, host[2 * n:]
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.cpu(), "first_bad": self.first_bad.cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums.copy_(state["sums"])
+        self.first_bad.copy_(state["first_bad"])
+        self.steps = int(state["steps"])
+
+
 class MetricsLog:
-    """Per-step metrics: one JSON line per step in ``metrics.jsonl`` and TensorBoard scalars.
-    On resume the JSONL keeps only lines before the resumed step, so the log reads as one run."""
+    """One record per log interval: a JSON line in ``metrics.jsonl`` and TensorBoard
+    scalars. On resume the JSONL keeps only lines before the resumed step, so the log reads
+    as one run."""
 
     def __init__(self, log_dir: Path, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter

@@ -1,19 +1,38 @@
 """Stage two: train a student against the cached teacher geometry (``rdkd train-student``).
 
 The student sees the very views the teacher embedded (replayed from the cache's crop boxes
-at the student's own size and normalisation) and one caption per image per step, and is
-trained with a CLIP-RD loss preset over the global batch. The teacher is never loaded or
-run: its embeddings come from the cache; global forward hooks count calls of open_clip
-modules outside the student and the loss, reported as ``teacher_forwards`` (zero).
+at the student's own size) and one caption per image per step, and is trained with a
+CLIP-RD loss preset over the global batch. The teacher is never loaded or run: its
+embeddings come from the cache; global forward hooks count calls of open_clip modules
+outside the student and the loss, reported as ``teacher_forwards`` (zero).
+
+Read it top to bottom: :class:`TrainConfig` (what the user asked; recorded in every
+checkpoint and in run.json), :func:`setup` (data, cache, student, loss, optimizer: a
+:class:`Run`), :func:`restore` (a checkpoint's state), :func:`train_step` (one optimizer
+step, with no host-device synchronisation), then :func:`train_student`, the loop: a step
+call and, every ``log_every`` steps, a log block (the one synchronisation of an interval:
+loss means, non-finite check, rates, data-wait and compute time, peak GPU memory).
+
+The feed keeps a GPU busy: DataLoader workers decode and crop, hand over uint8 pixels and
+the teacher rows of the batch (one read per batch, storage dtype); pinned batches are
+copied to the device on a side stream while the previous step runs, and normalised there.
+
+A loss or weight that is NaN or inf stops the run at the next log point or checkpoint,
+whichever comes first: nothing non-finite is ever written, the message names the term and
+its first bad step, and the last good checkpoint stays (exit code 3, not 2: a diverged
+run is no typo).
 
 Output folder (default ``artifacts/students/<name>``)::
 
     checkpoints/step-NNNNNNNN.pt   full training state, every --save-every steps and at the end
-    logs/metrics.jsonl             one JSON line per step: every loss term, lr, scales, samples/s
-    logs/tb/                       TensorBoard events of the same scalars
-    logs/skipped.jsonl             images that failed to decode: key, reason, step
     export/                        the student alone: weights + open_clip model-config JSON
     run.json                       what was trained (method, student, seed, steps, ...) and how it went
+    logs/metrics.jsonl             one JSON record per log interval: loss terms, lr, scales, rates
+    logs/tb/                       TensorBoard events of the same scalars
+    logs/skipped.jsonl             images that failed to decode: key, reason, step
+
+``--log-dir`` puts the logs elsewhere (they hold wall-clock rates: keep them out of what a
+pipeline hashes).
 """
 
 from __future__ import annotations
@@ -21,23 +40,27 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
+from rdkd import distributed, runtime
 from rdkd.errors import UserError
+from rdkd.files import atomic_write
 from rdkd.training import (
     EpochBatchSampler,
     ImageCfg,
+    LogWindow,
     LossNotFinite,
     MetricsLog,
     PairDataset,
     TeacherForwardCounter,
     build_optimizer,
     build_scheduler,
-    collate_pairs,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -45,298 +68,474 @@ from rdkd.training import (
 )
 
 CHECKPOINT_FORMAT = "rdkd-train-checkpoint/1"
-PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_ARTIFACTS = Path("artifacts")
 # Caches up to this size are checksummed in full before training (seconds); bigger ones get
 # a file-size check unless --verify-cache asks for the full one.
 FULL_VERIFY_MAX_BYTES = 2 << 30
 # Decode failures recorded by key in logs/skipped.jsonl (all are counted in run.json).
 MAX_SKIPPED_RECORDS = 10_000
-# Settings that shape the trajectory: a resumed run must agree on all of them.
-RESUME_MUST_MATCH = ("student", "method", "weights", "scale_param", "seed", "global_batch", "total_steps",
+# Finished batches the DataLoader workers of one process may hold ready, in bytes.
+PREFETCH_BUDGET_BYTES = 2 << 30
+# Settings that shape the trajectory: a resumed run must agree on all of them (the config's
+# and what they resolved to on this data).
+RESUME_MUST_MATCH = ("student", "method", "weights", "scale_param", "seed", "batch_size", "total_steps",
                      "lr", "weight_decay", "warmup", "grad_clip", "precision",
                      "dataset_fingerprint", "cache_fingerprint")
 
 
-def train_student(
-    data: Any,
-    student: str,
-    loss: str = "cliprd",
-    cache: str | Path | None = None,
-    *,
-    init: str | Path | None = None,
-    weights: Sequence[str] | dict[str, float] | None = None,
-    scale_param: str = "raw",
-    epochs: int | None = None,
-    steps: int | None = None,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    weight_decay: float = 0.1,
-    warmup: int | None = None,
-    grad_clip: float | None = None,
-    precision: str = "fp32",
-    device: str = "auto",
-    workers: int = 4,
-    seed: int = 0,
-    save_every: int = 1000,
-    keep_checkpoints: int = 2,
-    resume: str | Path | None = None,
-    out: str | Path | None = None,
-    verify_cache: bool | None = None,
-    progress: bool = True,
-) -> dict:
+@dataclass
+class TrainConfig:
+    """What a train-student run is asked to do, as the CLI (or a caller) gives it.
+
+    ``data`` a :class:`rdkd.data.DataSpec` or dataset path; ``student`` an open_clip model
+    name or model-config JSON; ``method`` a preset of :mod:`rdkd.losses`, ``weights`` its
+    overrides; ``scale_param`` ``raw`` (the loss's scales a_I, a_T, a_X used as they are,
+    as in the reference code) or ``exp`` (exp() clamped at 100, like CLIP's logit scale).
+    ``batch_size`` is the global batch (split over torchrun ranks). Give ``epochs`` or
+    ``steps``. ``warmup`` defaults to CLIP-KD's 10k steps, capped at a tenth of a shorter
+    run. ``resume``: a checkpoint file, or a run folder / its ``checkpoints`` folder (latest
+    checkpoint). ``log_every``: steps per log record (and per host-device synchronisation).
+    ``compile``: ``torch.compile`` the student.
+    """
+
+    data: Any
+    student: str
+    method: str = "cliprd"
+    cache: str | None = None
+    init: str | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+    scale_param: str = "raw"
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int | None = None
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    device: str = "auto"
+    workers: int = 4
+    seed: int = 0
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    compile: bool = False
+    resume: str | None = None
+    out: str | None = None
+    log_dir: str | None = None
+    verify_cache: bool | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON-ready, paths as given (relative paths stay relative)."""
+        record = asdict(self)
+        record["data"] = asdict(self.data) if hasattr(self.data, "__dataclass_fields__") else str(self.data)
+        return record
+
+
+@dataclass
+class Plan:
+    """What the config resolves to on this data and this cache (recorded beside it)."""
+
+    weights: dict[str, float]
+    total_steps: int
+    steps_per_epoch: int
+    warmup: int
+    samples: int
+    world_size: int
+    dataset_fingerprint: str
+    cache_fingerprint: str | None
+    embed_dim: int
+    teacher_dim: int | None
+    student_image_cfg: dict
+    teacher: dict | None
+
+
+@dataclass
+class Run:
+    """Everything a training step and the loop use, built once by :func:`setup`."""
+
+    config: TrainConfig
+    plan: Plan
+    dist: Any
+    device: torch.device
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    model_config: dict
+    loss_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    pairs: PairDataset
+    normalize: runtime.DeviceNormalize
+    t_scale: torch.Tensor
+    out_dir: Path
+    log_dir: Path
+    trained: list[torch.nn.Parameter]
+    resume_state: dict | None = None
+
+
+@dataclass
+class Progress:
+    """Where the run stands; a checkpoint holds it, a resume starts from it."""
+
+    step: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # counts by reason
+    skipped_records: list[dict] = field(default_factory=list)  # this rank's, with key and step
+    last_checkpoint: Path | None = None
+    resumed_from: int | None = None
+
+
+def train_student(data: Any, student: str, loss: str = "cliprd", cache: str | Path | None = None,
+                  **options: Any) -> dict:
     """Train one student; return the run summary (also written to ``<out>/run.json``).
 
-    ``data`` is a :class:`rdkd.data.DataSpec` or a dataset path; ``student`` an open_clip
-    model name or a model-config JSON; ``loss`` a preset of :mod:`rdkd.losses` with
-    ``weights`` overrides (``["fd=1000"]`` or ``{"fd": 1000}``); ``scale_param`` ``raw`` (the
-    loss's scales a_I, a_T, a_X used as they are, as in the reference code) or ``exp`` (used
-    as exp() clamped at 100, like CLIP's logit scale). ``batch_size`` is the
-    global batch (split over torchrun ranks). Give ``epochs`` or ``steps``. ``warmup``
-    defaults to CLIP-KD's 10k steps, capped at a tenth of a shorter run. ``resume``: a
-    checkpoint file, or a run folder / its ``checkpoints`` folder (latest checkpoint).
-    Raises :class:`UserError` for bad input before anything is written.
+    ``options`` are the fields of :class:`TrainConfig`. Raises :class:`UserError` for bad
+    input before anything is written, :class:`rdkd.training.LossNotFinite` when the run
+    diverges.
     """
-    from rdkd import distributed, losses
+    if isinstance(options.get("weights"), (list, tuple)):
+        from rdkd.losses import parse_weight_overrides
+
+        options["weights"] = parse_weight_overrides(options["weights"])
+    for name in ("init", "resume", "out", "log_dir"):
+        if options.get(name) is not None:
+            options[name] = str(options[name])
+    config = TrainConfig(data=data, student=student, method=loss,
+                         cache=str(cache) if cache is not None else None, **options)
+    joined_here = not torch.distributed.is_initialized()
+    run = setup(config)
+    log = None
+    try:
+        progress = restore(run)
+        window = LogWindow(list(run.loss_module.weights), run.device, step=progress.step)
+        if run.resume_state is not None and "log_window" in run.resume_state:
+            window.load_state_dict(run.resume_state["log_window"])
+        if run.dist.is_main:
+            log = MetricsLog(run.log_dir, resume_step=progress.resumed_from)
+        batches = runtime.device_batches(_loader(run, progress.step), run.device)
+        total = run.plan.total_steps
+        timer = _IntervalTimer(progress.step)
+        run.model.train()
+        with TeacherForwardCounter(run.train_model, run.loss_module) as teacher_forwards, \
+                runtime.progress(config.progress and run.dist.is_main, "train-student", total,
+                                 progress.step, fields={"loss": "-"}) as advance:
+            for step in range(progress.step, total):
+                with timer.waiting():
+                    batch = next(batches)
+                _count_skips(progress, batch["skipped"], step + 1)
+                lr = run.optimizer.param_groups[0]["lr"]
+                train_step(run, batch, window)
+                progress.step = done = step + 1
+                advance(1)
+                if done % config.log_every == 0 or done == total:
+                    record = _log_record(run, window, progress, lr, timer.lap(done))
+                    if log is not None:
+                        log.write(record)
+                    advance(0, loss=f"{record['loss']:.4f}")
+                if done % config.save_every == 0 or done == total:
+                    _checkpoint(run, window, progress)
+        return _finish(run, progress, teacher_forwards.count)
+    finally:
+        if log is not None:
+            log.close()
+        if joined_here:
+            distributed.cleanup()
+
+
+def train_step(run: Run, batch: dict, window: LogWindow) -> None:
+    """One optimizer step on a batch already on the device; the loss terms go into
+    ``window`` on the device. Nothing here waits for the device."""
+    images = run.normalize(batch["image"])
+    with runtime.autocast(run.device, run.config.precision):
+        s_img, s_txt = _student_outputs(run.train_model(images, batch["text"]))
+    s_img, s_txt = distributed.gather_batch(s_img.float(), s_txt.float())
+    t_img = t_txt = None
+    if run.loss_module.needs_teacher:
+        t_img, t_txt = distributed.gather_batch(batch["t_img"].float(), batch["t_txt"].float())
+    # the loss takes the student's logit_scale in log space and clamps exp() to 100
+    total, parts = run.loss_module(t_img, t_txt, s_img, s_txt, run.model.logit_scale, run.t_scale)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(total).backward()
+    if run.config.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.trained, run.config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    with torch.no_grad():  # open_clip clamps the student's temperature to at most 100
+        run.model.logit_scale.clamp_(0, math.log(100))
+    window.add(total, parts)
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+def setup(config: TrainConfig) -> Run:
+    """Check the config, open data and cache, build student, loss, optimizer; refuse bad
+    input with one line before anything is written."""
+    from rdkd import losses
     from rdkd.data import DataSpec, open_dataset
-    from rdkd.models import create_student, export_clip
+    from rdkd.models import create_student
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    dist = distributed.setup(None if device == "auto" else device)
-    torch_device = torch.device(dist.device)
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and torch_device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    if batch_size % dist.world_size:
-        raise UserError(f"--batch-size {batch_size} does not split over {dist.world_size} processes")
-    if (epochs is None) == (steps is None):
+    if config.log_every < 1:
+        raise UserError("--log-every must be at least 1")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dist = distributed.setup(runtime.resolve_device(config.device, local_rank) if config.device != "auto" else None)
+    device = torch.device(dist.device)
+    runtime.check_precision(config.precision, device)
+    if config.batch_size % dist.world_size:
+        raise UserError(f"--batch-size {config.batch_size} does not split over {dist.world_size} processes")
+    if (config.epochs is None) == (config.steps is None):
         raise UserError("give exactly one of --epochs and --steps")
-    overrides = dict(weights) if isinstance(weights, dict) else losses.parse_weight_overrides(weights)
-    term_weights = losses.weights_for(loss, overrides)
-    needs_teacher = any(losses.TERMS[name].uses_teacher for name in term_weights)
+    term_weights = losses.weights_for(config.method, config.weights)
 
-    # --- data and cache: joined by key, checked before anything is written ---------------
-    spec = data if isinstance(data, DataSpec) else DataSpec(str(data))
+    # data and cache: joined by key, checked before anything is written
+    spec = config.data if isinstance(config.data, DataSpec) else DataSpec(str(config.data))
+    config.data = spec
     dataset = open_dataset(spec)
-    teacher_cache = None
-    if cache is not None:
+    cache = None
+    if config.cache is not None:
         from rdkd.cache import TeacherCache
 
-        teacher_cache = TeacherCache.open(Path(cache))
-        if teacher_cache.dataset_fingerprint != dataset.fingerprint:
-            raise UserError(f"cache {cache} was made from another dataset (fingerprint "
-                            f"{teacher_cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]} of {spec.path})")
-        _verify_cache(teacher_cache, verify_cache)
-    if needs_teacher and teacher_cache is None:
-        raise UserError(f"--loss {loss} distils from a teacher: give its embedding cache with --cache")
+        cache = TeacherCache.open(Path(config.cache))
+        if cache.dataset_fingerprint != dataset.fingerprint:
+            raise UserError(f"cache {config.cache} was made from another dataset (fingerprint "
+                            f"{cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]} of {spec.path})")
+        _verify_cache(cache, config.verify_cache)
+    if any(losses.TERMS[name].uses_teacher for name in term_weights) and cache is None:
+        raise UserError(f"--loss {config.method} distils from a teacher: give its embedding cache with --cache")
 
-    # --- student --------------------------------------------------------------------------
-    torch.manual_seed(seed)  # the random init of the student and the loss's heads
-    init_state = _rdkd_checkpoint_model(Path(init)) if init is not None else None
-    built = create_student(student, init=None if init is None or init_state is not None else str(init),
-                           device=torch_device)
-    model, model_config, tokenizer = built.model, built.model_config, built.tokenizer
+    # student (the seed fixes its random init and the loss's heads)
+    torch.manual_seed(config.seed)
+    init_state = _rdkd_checkpoint_model(Path(config.init)) if config.init is not None else None
+    built = create_student(config.student, init=None if config.init is None or init_state is not None
+                           else config.init, device=device)
+    model = built.model
     if init_state is not None:
         try:
             model.load_state_dict(init_state)
         except RuntimeError as err:
-            raise UserError(f"--init {init}: its weights do not fit {student}: "
+            raise UserError(f"--init {config.init}: its weights do not fit {config.student}: "
                             f"{str(err).splitlines()[0]}") from None
     image_cfg = ImageCfg.of_model(model)
-    student_dim = built.embed_dim
-    teacher_dim = teacher_cache.dim if teacher_cache is not None else student_dim
-    loss_module = losses.DistillLoss(term_weights, student_dim=student_dim, teacher_dim=teacher_dim,
-                                     scale_param=scale_param).to(torch_device)
+    teacher_dim = cache.dim if cache is not None else None
+    loss_module = losses.DistillLoss(term_weights, student_dim=built.embed_dim,
+                                     teacher_dim=teacher_dim or built.embed_dim,
+                                     scale_param=config.scale_param).to(device)
 
-    pairs = PairDataset(dataset, tokenizer, image_cfg, seed, cache=teacher_cache)
-    local_batch = batch_size // dist.world_size
-    steps_per_epoch = EpochBatchSampler(len(pairs), local_batch, seed, dist.rank,
-                                        dist.world_size).steps_per_epoch
-    total_steps = steps if steps is not None else epochs * steps_per_epoch
-    if total_steps <= 0:
-        raise UserError("nothing to train: --steps/--epochs must be positive")
-    warmup = min(10_000, total_steps // 10) if warmup is None else warmup
+    pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, cache=cache)
+    steps_per_epoch = EpochBatchSampler(len(pairs), config.batch_size // dist.world_size, config.seed,
+                                        dist.rank, dist.world_size).steps_per_epoch
+    total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    plan = Plan(
+        weights=loss_module.weights, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        warmup=min(10_000, total_steps // 10) if config.warmup is None else config.warmup,
+        samples=len(pairs), world_size=dist.world_size, dataset_fingerprint=dataset.fingerprint,
+        cache_fingerprint=cache.cache_id if cache is not None else None, embed_dim=built.embed_dim,
+        teacher_dim=teacher_dim, student_image_cfg=image_cfg.to_dict(),
+        teacher=cache.manifest.get("teacher") if cache is not None else None)
 
-    config = {
-        "student": student, "method": loss, "weights": loss_module.weights,
-        "scale_param": scale_param, "seed": seed,
-        "global_batch": batch_size, "total_steps": total_steps, "lr": lr,
-        "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
-        "precision": precision, "dataset_fingerprint": dataset.fingerprint,
-        "cache_fingerprint": teacher_cache.cache_id if teacher_cache is not None else None,
-    }
-
-    # --- output folder and resume ----------------------------------------------------------
     resume_state = None
-    if resume is not None:
-        resume_path = _find_checkpoint(Path(resume))
+    out = config.out
+    if config.resume is not None:
+        resume_path = _find_checkpoint(Path(config.resume))
         resume_state = load_checkpoint(resume_path)
-        _check_resumable(resume_state, config, resume_path)
-        if out is None:
-            out = resume_path.parent.parent
-    out_dir = Path(out) if out is not None else DEFAULT_ARTIFACTS / "students" / _run_name(student, loss, seed)
+        _check_resumable(resume_state, _resume_key(config, plan), resume_path)
+        resume_state["path"] = resume_path
+        out = out if out is not None else str(resume_path.parent.parent)
+    out_dir = Path(out) if out is not None else DEFAULT_ARTIFACTS / "students" / _run_name(config)
     if resume_state is None and out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"output folder {out_dir} already holds files; pass --resume to continue "
                         f"that run or choose another --out")
 
-    optimizer = build_optimizer(model, loss_module, lr, weight_decay)
-    scheduler = build_scheduler(optimizer, warmup, total_steps)
-    scaler = torch.amp.GradScaler(torch_device.type, enabled=precision == "fp16")
-    start_step, start_epoch, start_in_epoch = 0, 0, 0
-    # counts by reason (the join's skips: keys the cache rejected or lacks; then images that
-    # failed to decode here) and this rank's decode failures with key and step
-    skipped: dict[str, int] = dict(pairs.skipped_at_join)
-    skipped_records: list[dict] = []
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        loss_module.load_state_dict(resume_state["loss"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
-        rngs = resume_state["rng"]  # one per rank of the interrupted run
-        set_rng_state(rngs[min(dist.rank, len(rngs) - 1)])
-        position = resume_state["position"]
-        start_step, start_epoch, start_in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
-        skipped = dict(resume_state["skipped"])
-        skipped_records = list(resume_state["skipped_records"][dist.rank]
-                               if dist.rank < len(resume_state["skipped_records"]) else [])
-
-    train_model = model
+    train_model = torch.compile(model) if config.compile else model
     if dist.distributed:  # DDP averages; gather_batch's backward makes that the global gradient
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch_device.index] if torch_device.type == "cuda" else None)
-    sampler = EpochBatchSampler(len(pairs), local_batch, seed, dist.rank, dist.world_size,
-                                start=(start_epoch, start_in_epoch))
-    loader = torch.utils.data.DataLoader(
-        pairs, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=workers,
-        pin_memory=torch_device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, loss_module, config.lr, config.weight_decay, fused=True)
+    run = Run(
+        config=config, plan=plan, dist=dist, device=device, model=model, train_model=train_model,
+        model_config=built.model_config, loss_module=loss_module, optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, plan.warmup, total_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
+        pairs=pairs, normalize=runtime.DeviceNormalize(image_cfg.mean, image_cfg.std, device),
+        t_scale=torch.tensor(cache.logit_scale if cache is not None else 1.0, device=device),
+        out_dir=out_dir, log_dir=Path(config.log_dir) if config.log_dir else out_dir / "logs",
+        trained=[p for g in optimizer.param_groups for p in g["params"]], resume_state=resume_state)
+    return run
 
-    checkpoint_dir = out_dir / "checkpoints"
-    log = MetricsLog(out_dir / "logs", resume_step=start_step if resume_state else None) if dist.is_main else None
-    autocast = (torch.autocast(torch_device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else contextlib.nullcontext())
-    t_scale = torch.tensor(teacher_cache.logit_scale if teacher_cache is not None else 1.0,
-                           device=torch_device)
 
-    def checkpoint(step: int, epoch: int, in_epoch: int) -> Path:
-        rngs = _gather_objects(rng_state(), dist)
-        records = _gather_objects(skipped_records, dist)
-        path = checkpoint_dir / f"step-{step:08d}.pt"
-        if dist.is_main:
-            save_checkpoint(path, {
-                "format": CHECKPOINT_FORMAT, "config": config, "model_config": model_config,
-                "model": model.state_dict(), "loss": loss_module.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs,
-                "position": {"step": step, "epoch": epoch, "step_in_epoch": in_epoch},
-                "skipped": skipped, "skipped_records": records,
-            })
-            for old in sorted(checkpoint_dir.glob("step-*.pt"))[:-keep_checkpoints]:
-                old.unlink()
-        distributed.barrier()
-        return path
+def restore(run: Run) -> Progress:
+    """The starting point: step 0, or the state of the checkpoint being resumed."""
+    state = run.resume_state
+    progress = Progress(skipped=dict(run.pairs.skipped_at_join))
+    if state is None:
+        return progress
+    run.model.load_state_dict(state["model"])
+    run.loss_module.load_state_dict(state["loss"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]  # one per rank of the interrupted run
+    set_rng_state(rngs[min(run.dist.rank, len(rngs) - 1)])
+    records = state["skipped_records"]
+    progress.step = progress.resumed_from = state["position"]["step"]
+    progress.skipped = dict(state["skipped"])
+    progress.skipped_records = list(records[run.dist.rank]) if run.dist.rank < len(records) else []
+    progress.last_checkpoint = state["path"]
+    return progress
 
-    last_checkpoint = resume_path if resume_state is not None else None
-    started = time.time()
-    last_record: dict = {}
-    model.train()
-    with TeacherForwardCounter(train_model, loss_module) as teacher_forwards, \
-            _progress_bar(progress and dist.is_main, total_steps, start_step) as advance:
-        batches = iter(loader)
-        for step in range(start_step, total_steps):
-            tick = time.perf_counter()
-            batch = next(batches)
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            for key, reason in batch["skipped"]:
-                skipped[reason] = skipped.get(reason, 0) + 1
-                if len(skipped_records) < MAX_SKIPPED_RECORDS:
-                    skipped_records.append({"key": key, "reason": reason, "step": step + 1})
-            images = batch["image"].to(torch_device, non_blocking=True)
-            texts = batch["text"].to(torch_device, non_blocking=True)
-            with autocast:
-                s_img, s_txt = _student_outputs(train_model(images, texts))
-            s_img, s_txt = distributed.gather_batch(s_img.float(), s_txt.float())
-            if loss_module.needs_teacher:
-                t_img, t_txt = distributed.gather_batch(
-                    teacher_cache.image_embeddings(batch["image_row"]).to(torch_device, non_blocking=True),
-                    teacher_cache.text_embeddings(batch["text_row"]).to(torch_device, non_blocking=True))
-            else:
-                t_img = t_txt = None
-            # the loss takes the student's logit_scale in log space and clamps exp() to 100
-            total, parts = loss_module(t_img, t_txt, s_img, s_txt, model.logit_scale, t_scale)
-            if not torch.isfinite(total):
-                bad = next((n for n, v in parts.items() if not torch.isfinite(v)), "total")
-                if log is not None:
-                    log.close()
-                raise LossNotFinite(
-                    f"loss term {bad} is {float(parts.get(bad, total))} at step {step + 1}; run stopped"
-                    + (f", last good checkpoint {last_checkpoint}" if last_checkpoint else
-                       ", no checkpoint was written yet"))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step_lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            with torch.no_grad():  # open_clip clamps the student's temperature to at most 100
-                model.logit_scale.clamp_(0, math.log(100))
 
-            done = step + 1
-            loss_value = total.item()
-            if log is not None:
-                seconds = time.perf_counter() - tick
-                last_record = {
-                    "step": done, "epoch": epoch, "loss": loss_value,
-                    **{f"loss/{n}": float(v) for n, v in parts.items()},
-                    "lr": step_lr,
-                    "logit_scale": model.logit_scale.detach().exp().item(),
-                    **{f"scale/{n}": float(v) for n, v in loss_module.scales().items()},
-                    "samples_per_s": batch_size / seconds, "skipped": sum(skipped.values()),
-                }
-                log.write(last_record)
-            if done % save_every == 0 or done == total_steps:
-                next_epoch, next_in_epoch = divmod(done, steps_per_epoch)
-                last_checkpoint = checkpoint(done, next_epoch, next_in_epoch)
-            advance(loss_value)
+def _loader(run: Run, start_step: int) -> torch.utils.data.DataLoader:
+    """Workers build whole local batches (sampler yields a batch's items, batch_size=None);
+    their prefetch is sized by the bytes of a batch."""
+    local = run.config.batch_size // run.dist.world_size
+    height, width = run.pairs.image_cfg.size
+    context = run.model_config.get("text_cfg", {}).get("context_length", 77)
+    row_bytes = 2 * (run.plan.teacher_dim or 0) * 4
+    batch_bytes = local * (3 * height * width + 8 * context + row_bytes)
+    sampler = EpochBatchSampler(len(run.pairs), local, run.config.seed, run.dist.rank, run.dist.world_size,
+                                start=divmod(start_step, run.plan.steps_per_epoch))
+    workers = run.config.workers
+    return torch.utils.data.DataLoader(
+        run.pairs, sampler=sampler, batch_size=None, num_workers=workers,
+        pin_memory=run.device.type == "cuda",
+        prefetch_factor=runtime.prefetch_factor(batch_bytes, workers, PREFETCH_BUDGET_BYTES))
 
+
+# --- log, checkpoint, finish ---------------------------------------------------------------------
+
+
+class _IntervalTimer:
+    """Wall time of a log interval and the part of it spent waiting for the loader."""
+
+    def __init__(self, step: int) -> None:
+        self.start = time.perf_counter()
+        self.data_s = 0.0
+        self.since = step  # the step the interval started after
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        tick = time.perf_counter()
+        yield
+        self.data_s += time.perf_counter() - tick
+
+    def lap(self, step: int) -> tuple[int, float, float]:
+        """(steps, seconds, data-wait seconds) of the interval ending at ``step``; starts the next."""
+        now = time.perf_counter()
+        lap = (step - self.since, now - self.start, self.data_s)
+        self.start, self.data_s, self.since = now, 0.0, step
+        return lap
+
+
+def _log_record(run: Run, window: LogWindow, progress: Progress, lr: float,
+                lap: tuple[int, float, float]) -> dict:
+    """Read the window (the interval's one synchronisation, which also makes the interval's
+    wall time the device's), stop on a non-finite term, and make the log record."""
+    scales = run.loss_module.scales()
+    means, bad, (logit_scale, *scale_values) = window.read(run.model.logit_scale.detach().exp(),
+                                                           *scales.values())
+    _stop_if_bad(bad, progress)
+    steps, seconds, data_s = lap
+    epoch = (progress.step - 1) // run.plan.steps_per_epoch
+    record = {"step": progress.step, "epoch": epoch, "loss": means["total"],
+              **{f"loss/{name}": value for name, value in means.items() if name != "total"},
+              "lr": lr, "logit_scale": logit_scale,
+              **{f"scale/{name}": value for name, value in zip(scales, scale_values)},
+              "samples_per_s": steps * run.config.batch_size / seconds, "step_s": seconds,
+              "data_s": data_s, "skipped": sum(progress.skipped.values())}
+    if run.device.type == "cuda":
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    return record
+
+
+def _stop_if_bad(bad: dict[str, int], progress: Progress) -> None:
+    """Raise :class:`LossNotFinite` naming the first bad term (a term rather than their
+    total) and its first bad step, or ``weights``."""
+    if not bad:
+        return
+    name, step = min(((n, s) for n, s in bad.items() if n != "total"), key=lambda t: t[1],
+                     default=("total", bad.get("total")))
+    what = "the weights are" if name == "weights" else f"loss term {name} is"
+    where = (f"last good checkpoint {progress.last_checkpoint}" if progress.last_checkpoint
+             else "no checkpoint was written yet")
+    raise LossNotFinite(f"{what} not finite from step {step} (checked at step {progress.step}); "
+                        f"run stopped, {where}")
+
+
+def _checkpoint(run: Run, window: LogWindow, progress: Progress) -> None:
+    """Write the full training state (rank 0), after checking that no loss term and no
+    weight is non-finite: a checkpoint is always one a run can go on from."""
+    weights_finite = torch.stack([p.detach().isfinite().all() for p in run.trained]).all()
+    host = torch.cat([window.first_bad.double(), weights_finite.double().reshape(1)]).to("cpu", copy=True).tolist()
+    _stop_if_bad({n: int(v) for n, v in zip(window.names, host) if v >= 0}, progress)
+    if not host[-1]:
+        _stop_if_bad({"weights": progress.step}, progress)
+    rngs = _gather_objects(rng_state(), run.dist)
+    records = _gather_objects(progress.skipped_records, run.dist)
+    step = progress.step
+    path = run.out_dir / "checkpoints" / f"step-{step:08d}.pt"
+    if run.dist.is_main:
+        save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "config": run.config.to_dict(), "plan": asdict(run.plan),
+            "model_config": run.model_config, "model": run.model.state_dict(),
+            "loss": run.loss_module.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rngs,
+            "position": {"step": step, "epoch": step // run.plan.steps_per_epoch,
+                         "step_in_epoch": step % run.plan.steps_per_epoch},
+            "skipped": progress.skipped, "skipped_records": records, "log_window": window.state_dict(),
+        })
+        for old in sorted(path.parent.glob("step-*.pt"))[:-run.config.keep_checkpoints]:
+            old.unlink()
+    distributed.barrier()
+    progress.last_checkpoint = path
+
+
+def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
+    """Export the student, write run.json and the skipped records; return the summary: the
+    config's fields and what they resolved to (``steps``, ``epochs`` as run; ``student`` the
+    short label, ``student_spec`` as given) and how the run went. No wall-clock values:
+    those are in the logs."""
+    config, plan = run.config, run.plan
+    last = _last_record(run.log_dir) if run.dist.is_main else {}
     summary = {
-        "method": loss, "student": _student_label(student), "student_spec": student,
-        "init": str(init) if init is not None else None, "seed": seed, "steps": total_steps,
-        "epochs": total_steps / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-        "global_batch": batch_size, "world_size": dist.world_size, "lr": lr,
-        "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip,
-        "precision": precision, "weights": loss_module.weights, "scale_param": scale_param,
-        "data": str(spec.path), "dataset_fingerprint": dataset.fingerprint,
-        "cache": str(cache) if cache is not None else None,
-        "cache_fingerprint": config["cache_fingerprint"],
-        "teacher": teacher_cache.manifest.get("teacher") if teacher_cache is not None else None,
-        "student_image_cfg": image_cfg.to_dict(), "embed_dim": student_dim,
-        "teacher_dim": teacher_dim if teacher_cache is not None else None,
-        "samples": len(pairs), "skipped": skipped,
-        "teacher_forwards": teacher_forwards.count,
-        "final_loss": last_record.get("loss"), "final_losses": {
-            k[5:]: v for k, v in last_record.items() if k.startswith("loss/")},
-        "resumed_from_step": start_step if resume_state is not None else None,
-        "wall_seconds": round(time.time() - started, 3),
-        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-        "export": str(out_dir / "export"),
+        **config.to_dict(), **asdict(plan),
+        "method": config.method, "student": _student_label(config.student), "student_spec": config.student,
+        "steps": plan.total_steps, "epochs": plan.total_steps / plan.steps_per_epoch,
+        "global_batch": config.batch_size, "skipped": progress.skipped, "teacher_forwards": teacher_forwards,
+        "final_loss": last.get("loss"),
+        "final_losses": {k[5:]: v for k, v in last.items() if k.startswith("loss/")},
+        "resumed_from_step": progress.resumed_from,
+        "checkpoint": str(progress.last_checkpoint) if progress.last_checkpoint else None,
+        "export": str(run.out_dir / "export"),
     }
-    all_records = [r for rank_records in _gather_objects(skipped_records, dist) for r in rank_records]
-    if dist.is_main:
-        log.close()
-        with open(out_dir / "logs" / "skipped.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in all_records)
-        export_clip(model, model_config, out_dir / "export")
-        (out_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    all_records = [r for rank in _gather_objects(progress.skipped_records, run.dist) for r in rank]
+    if run.dist.is_main:
+        from rdkd.models import export_clip
+
+        text = "".join(json.dumps(r) + "\n" for r in all_records)
+        atomic_write(run.log_dir / "skipped.jsonl", lambda tmp: Path(tmp).write_text(text))
+        export_clip(run.model, run.model_config, run.out_dir / "export")
+        atomic_write(run.out_dir / "run.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     distributed.barrier()
     return summary
+
+
+def _last_record(log_dir: Path) -> dict:
+    lines = (log_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _count_skips(progress: Progress, skipped: Sequence[tuple[str, str]], step: int) -> None:
+    for key, reason in skipped:
+        progress.skipped[reason] = progress.skipped.get(reason, 0) + 1
+        if len(progress.skipped_records) < MAX_SKIPPED_RECORDS:
+            progress.skipped_records.append({"key": key, "reason": reason, "step": step})
+
+
+# --- helpers ---------------------------------------------------------------------------------------
 
 
 def _student_outputs(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,8 +585,8 @@ def _student_label(student: str) -> str:
     return Path(student).stem if student.lower().endswith(".json") else student
 
 
-def _run_name(student: str, loss: str, seed: int) -> str:
-    return f"{_student_label(student).replace('/', '-')}-{loss}-seed{seed}"
+def _run_name(config: TrainConfig) -> str:
+    return f"{_student_label(config.student).replace('/', '-')}-{config.method}-seed{config.seed}"
 
 
 def _rdkd_checkpoint_model(path: Path) -> dict | None:
@@ -415,24 +614,18 @@ def _find_checkpoint(path: Path) -> Path:
     raise UserError(f"--resume {path}: no checkpoint there")
 
 
-def _check_resumable(state: dict, config: dict, path: Path) -> None:
+def _resume_key(config: TrainConfig | dict, plan: Plan | dict) -> dict:
+    """The settings a resumed run must share with the checkpoint's run."""
+    merged = {**(config if isinstance(config, dict) else config.to_dict()),
+              **(plan if isinstance(plan, dict) else asdict(plan))}
+    return {name: merged.get(name) for name in RESUME_MUST_MATCH}
+
+
+def _check_resumable(state: dict, wanted: dict, path: Path) -> None:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an rdkd train-student checkpoint")
-    differ = [k for k in RESUME_MUST_MATCH if state["config"].get(k) != config.get(k)]
+    had = _resume_key(state["config"], state["plan"])
+    differ = [k for k in RESUME_MUST_MATCH if had[k] != wanted[k]]
     if differ:
-        shown = ", ".join(f"{k} {state['config'].get(k)!r} -> {config.get(k)!r}" for k in differ)
+        shown = ", ".join(f"{k} {had[k]!r} -> {wanted[k]!r}" for k in differ)
         raise UserError(f"cannot resume {path}: the run differs in {shown}")
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int, done: int):
-    """A rich progress bar over steps; yields ``advance(loss)``."""
-    if not enabled:
-        yield lambda loss: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("train-student"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()) as bar:
-        task = bar.add_task("steps", total=total, completed=done, loss="-")
-        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.4f}")

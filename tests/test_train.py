@@ -34,7 +34,7 @@ TINY_RESNET = {
     "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-FAST = dict(batch_size=4, workers=0, progress=False, lr=2e-3, warmup=1)
+FAST = dict(batch_size=4, workers=0, progress=False, lr=2e-3, warmup=1, log_every=1)
 
 
 def _config(tmp_path: Path, name: str, config: dict) -> str:
@@ -120,7 +120,8 @@ def test_replayed_views_and_captions_match_their_teacher_rows(teacher_cache, csv
     from rdkd.cache import TeacherCache
     from rdkd.data import open_dataset
     from rdkd.models import create_student
-    from rdkd.training import ImageCfg, collate_pairs
+    from rdkd.runtime import DeviceNormalize
+    from rdkd.training import ImageCfg
 
     cache = TeacherCache.open(teacher_cache)
     student = create_student(tiny_teacher.config, init=tiny_teacher.pretrained)
@@ -128,10 +129,16 @@ def test_replayed_views_and_captions_match_their_teacher_rows(teacher_cache, csv
     pairs = PairDataset(open_dataset(csv_dataset), student.tokenizer, ImageCfg.of_model(student.model),
                         seed=3, cache=cache)
     assert len(pairs) == 12 and cache.views == 3
-    batch = collate_pairs([pairs[(epoch, pos)] for epoch in (0, 1) for pos in range(12)])
-    assert len(set(batch["image_row"] % 3)) > 1  # the views vary (3 rows per image)
+    batch = pairs[[(epoch, pos) for epoch in (0, 1) for pos in range(12)]]
+    assert batch["image"].dtype == torch.uint8  # normalised on the device, in the step
+    assert len(set((batch["image_row"] % 3).tolist())) > 1  # the views vary (3 rows per image)
+    # the teacher rows travel with the batch, exactly as stored
+    assert torch.equal(batch["t_img"].float(), cache.image_embeddings(batch["image_row"]))
+    assert torch.equal(batch["t_txt"].float(), cache.text_embeddings(batch["text_row"]))
+    cfg = pairs.image_cfg
     with torch.no_grad():
-        s_img = student.model.encode_image(batch["image"], normalize=True)
+        images = DeviceNormalize(cfg.mean, cfg.std, torch.device("cpu"))(batch["image"])
+        s_img = student.model.encode_image(images, normalize=True)
         s_txt = student.model.encode_text(batch["text"], normalize=True)
     torch.testing.assert_close(s_img, cache.image_embeddings(batch["image_row"]), atol=2e-5, rtol=0)
     torch.testing.assert_close(s_txt, cache.text_embeddings(batch["text_row"]), atol=2e-5, rtol=0)
@@ -238,7 +245,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_checkpoint(
                       "--student", tiny_vit, "--loss", "cliprd", "--steps", "6", "--batch-size", "4",
                       "--save-every", "2", "--workers", "0", "--no-progress", "--out", str(run)], capsys)
     line = _one_error_line(err)
-    assert code == 2 and "xrd" in line and "step 3" in line and "step-00000002.pt" in line
+    assert code == 3 and "xrd" in line and "step 3" in line and "step-00000002.pt" in line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.pt"]
     assert not (run / "run.json").exists()
 
@@ -448,5 +455,5 @@ def test_init_from_an_rdkd_checkpoint_and_pickled_workers(tmp_path, csv_dataset,
                         seed=0, cache=TeacherCache.open(teacher_cache))
     copy = pickle.loads(pickle.dumps(pairs))
     for item in [(0, 0), (2, 5)]:
-        a, b = pairs[item], copy[item]
+        a, b = pairs[[item]], copy[[item]]
         assert torch.equal(a["image"], b["image"]) and a["image_row"] == b["image_row"]

@@ -1,0 +1,158 @@
+"""The GPU feed of train-student: no host sync inside a step, compact batches, log windows,
+the non-finite check at log points and checkpoints, resume of a log window.
+
+Counted on CPU: the operations that would make a CUDA host wait for the device dispatch the
+same way here (``rdkd.runtime.HostSyncCounter``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from builders import run_cli
+from rdkd.runtime import HostSyncCounter
+from rdkd.stages.train_student import train_student
+from test_train import FAST, _metrics, _one_error_line, teacher_cache, tiny_vit  # noqa: F401 (fixtures)
+
+# FAST logs every step; these tests set the interval themselves.
+QUIET = {k: v for k, v in FAST.items() if k != "log_every"}
+
+
+def _syncs(tmp_path, name, csv_dataset, teacher_cache, tiny_vit, steps: int) -> HostSyncCounter:
+    with HostSyncCounter() as counter:
+        train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=steps, save_every=10_000,
+                      out=tmp_path / name, **QUIET)
+    return counter
+
+
+def test_a_training_step_waits_for_the_device_at_most_once_per_log_interval(
+        tmp_path, csv_dataset, teacher_cache, tiny_vit):
+    """Host syncs per step at the default --log-every (50): a 100-step run minus a 50-step
+    run, so set-up, the final checkpoint and the export cancel out. Before the rebuild every
+    step read its loss terms, scales and NaN state: dozens per step."""
+    long = _syncs(tmp_path, "long", csv_dataset, teacher_cache, tiny_vit, 100)
+    short = _syncs(tmp_path, "short", csv_dataset, teacher_cache, tiny_vit, 50)
+    per_step = (long.count - short.count) / 50
+    assert per_step <= 0.1, (long.ops, short.ops)
+
+
+def test_batches_cross_the_process_boundary_compact(csv_dataset, teacher_cache, tiny_vit):
+    """uint8 pixels at the student's size, the tokens, and the teacher rows in the cache's
+    storage dtype: nothing else of any size."""
+    from rdkd.cache import TeacherCache
+    from rdkd.data import open_dataset
+    from rdkd.models import create_student
+    from rdkd.training import ImageCfg, PairDataset
+
+    student = create_student(tiny_vit)
+    cache = TeacherCache.open(teacher_cache)
+    pairs = PairDataset(open_dataset(csv_dataset), student.tokenizer, ImageCfg.of_model(student.model),
+                        seed=0, cache=cache)
+    batch = pairs[[(0, p) for p in range(8)]]
+    height, width = pairs.image_cfg.size
+    itemsize = batch["t_img"].element_size()
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, height, width)
+    assert batch["t_img"].dtype == batch["t_txt"].dtype == torch.float32  # this fixture stores float32
+    essential = 3 * height * width + batch["text"][0].nbytes + 2 * cache.dim * itemsize
+    shipped = sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor)) / 8
+    assert shipped <= 1.1 * essential
+
+
+def test_log_records_are_interval_means(tmp_path, csv_dataset, teacher_cache, tiny_vit):
+    """--log-every 3 over 7 steps: records at steps 3, 6 and 7, each the mean of the
+    per-step values of the same run logged every step."""
+    every = tmp_path / "every"
+    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=7, out=every, log_every=1, **QUIET)
+    windows = tmp_path / "windows"
+    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=7, out=windows, log_every=3, **QUIET)
+    per_step = _metrics(every)
+    records = _metrics(windows)
+    assert [r["step"] for r in records] == [3, 6, 7]
+    for record, (lo, hi) in zip(records, [(0, 3), (3, 6), (6, 7)]):
+        for key in ("loss", "loss/vrd", "loss/xrd", "loss/task"):
+            assert record[key] == pytest.approx(np.mean([m[key] for m in per_step[lo:hi]]), rel=1e-9), key
+        assert record["samples_per_s"] > 0 and 0 <= record["data_s"] <= record["step_s"]
+
+
+def _xrd_goes_nan_from_call(monkeypatch, first_bad_call: int) -> None:
+    import rdkd.losses as losses
+
+    real = losses.TERMS["xrd"]
+    calls = []
+
+    def xrd(rel, scales):
+        calls.append(1)
+        value = real.compute(rel, scales)
+        return value * float("nan") if len(calls) >= first_bad_call else value
+
+    monkeypatch.setitem(losses.TERMS, "xrd", dataclasses.replace(real, compute=xrd))
+
+
+def test_non_finite_loss_is_caught_at_the_next_log_point(tmp_path, monkeypatch, capsys, csv_dataset,
+                                                          teacher_cache, tiny_vit):
+    """No checkpoint falls in the window: the log point stops the run with the first bad
+    step, exit 3, nothing written but the logs."""
+    _xrd_goes_nan_from_call(monkeypatch, 3)
+    run = tmp_path / "run"
+    code, err = run_cli(["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
+                         "--student", tiny_vit, "--steps", "10", "--batch-size", "4", "--log-every", "5",
+                         "--save-every", "100", "--workers", "0", "--no-progress", "--out", str(run)], capsys)
+    line = _one_error_line(err)
+    assert code == 3 and "loss term xrd" in line and "from step 3" in line and "checked at step 5" in line
+    assert "no checkpoint was written yet" in line
+    assert not (run / "checkpoints").exists() and not (run / "run.json").exists()
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, monkeypatch, csv_dataset,
+                                                               teacher_cache, tiny_vit):
+    import rdkd.stages.train_student as stage
+    from rdkd.training import LossNotFinite
+
+    real_step = stage.train_step
+    steps = []
+
+    def poisoned(run, batch, window):
+        real_step(run, batch, window)
+        steps.append(1)
+        if len(steps) == 4:  # after the step: the loss of step 4 was finite
+            with torch.no_grad():
+                run.model.logit_scale.fill_(float("nan"))
+
+    monkeypatch.setattr(stage, "train_step", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(LossNotFinite, match="weights are not finite .*step-00000002.pt"):
+        train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=6, save_every=2, out=run, **QUIET)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.pt"]
+
+
+def test_resume_continues_the_log_window(tmp_path, monkeypatch, csv_dataset, teacher_cache, tiny_vit):
+    """Interrupted after the step-4 checkpoint, in the middle of the 4-6 window: the resumed
+    run logs the same records as the uninterrupted one."""
+    import rdkd.stages.train_student as stage
+
+    args = dict(steps=7, save_every=2, log_every=3, **QUIET)
+    straight = tmp_path / "straight"
+    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, out=straight, **args)
+    real_save = stage.save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["position"]["step"] == 4:
+            raise KeyboardInterrupt
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(stage, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, out=interrupted, **args)
+    monkeypatch.setattr(stage, "save_checkpoint", real_save)
+    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, resume=interrupted, **args)
+    keep = ("step", "loss", "loss/vrd", "loss/xrd")
+    assert ([{k: r[k] for k in keep} for r in _metrics(straight)]
+            == [{k: r[k] for k in keep} for r in _metrics(interrupted)])
+    run_json = json.loads((interrupted / "run.json").read_text())
+    assert run_json["resumed_from_step"] == 4 and "wall_seconds" not in run_json
