@@ -48,8 +48,8 @@ from rdkd.losses import DistillLoss
 from rdkd.models import ModelSpec, create_student, load_clip
 from rdkd.stages.extract_teacher import extract_teacher
 from rdkd.stages.train_student import train_student
-from rdkd.training import (EpochBatchSampler, ImageCfg, PairDataset, TeacherForwardCounter,
-                           build_optimizer, collate_pairs)
+from rdkd.runtime import DeviceNormalize
+from rdkd.training import EpochBatchSampler, ImageCfg, PairDataset, TeacherForwardCounter, build_optimizer
 
 SHIPPED_STUDENT = str(Path(__file__).resolve().parents[1] / "pipeline" / "model_configs" / "ViT-T-16.json")
 
@@ -74,10 +74,9 @@ def write_dataset(root: Path, images: int, seed: int = 0, size: int = 256) -> Da
 
 
 def stage_step_times(run: Path, skip: int) -> list[float]:
-    """Seconds per step of a train_student run, from its metrics.jsonl."""
+    """Seconds per step of a train_student run logged every step, from its metrics.jsonl."""
     records = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-    run_info = json.loads((run / "run.json").read_text())
-    return [run_info["global_batch"] / r["samples_per_s"] for r in records[skip:]]
+    return [r["step_s"] for r in records[skip:]]
 
 
 def loop_step_times(spec: DataSpec, cache: TeacherCache, student: str, teacher, batch: int,
@@ -90,9 +89,11 @@ def loop_step_times(spec: DataSpec, cache: TeacherCache, student: str, teacher, 
     model = built.model
     loss = DistillLoss.from_preset("cliprd", student_dim=built.embed_dim, teacher_dim=cache.dim).to(device)
     optimizer = build_optimizer(model, loss, 1e-4, 0.1)
-    pairs = PairDataset(open_dataset(spec), built.tokenizer, ImageCfg.of_model(model), seed, cache=cache)
-    loader = torch.utils.data.DataLoader(pairs, batch_sampler=EpochBatchSampler(len(pairs), batch, seed),
-                                         collate_fn=collate_pairs, num_workers=0)
+    image_cfg = ImageCfg.of_model(model)
+    pairs = PairDataset(open_dataset(spec), built.tokenizer, image_cfg, seed, cache=cache)
+    loader = torch.utils.data.DataLoader(pairs, sampler=EpochBatchSampler(len(pairs), batch, seed),
+                                         batch_size=None, num_workers=0)
+    normalize = DeviceNormalize(image_cfg.mean, image_cfg.std, device)
     t_scale = torch.tensor(cache.logit_scale, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     times = []
@@ -102,10 +103,9 @@ def loop_step_times(spec: DataSpec, cache: TeacherCache, student: str, teacher, 
         for _ in range(steps):
             start = clock()
             b = next(batches)
-            images, texts = b["image"].to(device), b["text"].to(device)
+            images, texts = normalize(b["image"].to(device)), b["text"].to(device)
             if teacher is None:
-                t_img = cache.image_embeddings(b["image_row"]).to(device)
-                t_txt = cache.text_embeddings(b["text_row"]).to(device)
+                t_img, t_txt = b["t_img"].to(device).float(), b["t_txt"].to(device).float()
             else:
                 with torch.no_grad(), autocast:
                     t_img = teacher.encode_image(images, normalize=True).float()
@@ -116,7 +116,7 @@ def loop_step_times(spec: DataSpec, cache: TeacherCache, student: str, teacher, 
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            total.item()  # the stage logs every step, which waits for the step to finish
+            total.item()  # wait for the step to finish, so that the clock measures it
             times.append(clock() - start)
     return times[skip:], counter.count
 
@@ -165,7 +165,7 @@ def main() -> None:
                     info = train_student(spec, args.student, preset, tmp / "cache" if preset != "clip" else None,
                                          steps=steps, batch_size=args.batch, workers=0, device=args.device,
                                          precision="bf16" if device.type == "cuda" else "fp32",
-                                         seed=args.seed, out=run, progress=False, warmup=0)
+                                         seed=args.seed, out=run, progress=False, warmup=0, log_every=1)
                     cpu[preset, steps] = (time.perf_counter() if device.type == "cuda" else time.process_time()) - start
                     forwards.append(info["teacher_forwards"])
                     if steps == args.steps:
