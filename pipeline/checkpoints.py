@@ -37,13 +37,15 @@ TRAIN_FORMAT = "rdkd-train-checkpoint/2"
 OLD_TRAIN_FORMAT = "rdkd-train-checkpoint/1"
 # What a /1 checkpoint needs beyond the restricted unpickler: numpy's array unpickling
 # function (``ndarray.__reduce__``'s; numpy 2 moved it from numpy.core to numpy._core,
-# files name either), the array and the dtype class.
+# files name either), the array, the dtype and the class of its one dtype (the uint32 key
+# of MT19937), whose state the unpickler sets.
 _reconstruct = np.zeros(0).__reduce__()[0]
 _NUMPY_ARRAY_GLOBALS = {
     "numpy.core.multiarray._reconstruct": _reconstruct,
     "numpy._core.multiarray._reconstruct": _reconstruct,
     "numpy.ndarray": np.ndarray,
     "numpy.dtype": np.dtype,
+    "numpy.dtypes.UInt32DType": type(np.dtype(np.uint32)),
 }
 
 
