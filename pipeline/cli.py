@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and check a teacher-embedding cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+checkpoint_app = typer.Typer(help="Convert train-student checkpoints.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
 
 # How to read a dataset: the same options on every command that reads one (rdkd.data.DataSpec).
 DATA_FORMAT = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix).")
@@ -163,6 +165,21 @@ def train_student_command(
     print(f"trained {summary['student']} with {summary['method']} for {summary['steps']} steps "
           f"(final loss {final}, teacher forwards {summary['teacher_forwards']}, "
           f"skipped {sum(summary['skipped'].values())}); export: {summary['export']}")
+
+
+# --- checkpoint upgrade ----------------------------------------------------------------------
+
+
+@checkpoint_app.command("upgrade")
+def checkpoint_upgrade_command(
+    old: Path = typer.Argument(..., help="An rdkd-train-checkpoint/1 file (numpy RNG state) that you trust."),
+    new: Optional[Path] = typer.Argument(None, help="Where to write the converted checkpoint (default: replace OLD once the new one is written and checked)."),
+) -> None:
+    """Convert an old train-student checkpoint to the current format, which rdkd loads as data only."""
+    from rdkd.checkpoints import OLD_TRAIN_FORMAT, TRAIN_FORMAT, upgrade_train_checkpoint
+
+    written = upgrade_train_checkpoint(old, new)
+    typer.echo(f"{old} ({OLD_TRAIN_FORMAT}) -> {written} ({TRAIN_FORMAT})")
 
 
 # --- evaluate / report -----------------------------------------------------------------------
