@@ -169,16 +169,21 @@ class PairDataset(torch.utils.data.Dataset):
             self.cache = TeacherCache.open(root)
 
     def __getitem__(self, items: Sequence[tuple[int, int]]) -> dict:
-        """One local batch, built in a DataLoader worker (see the module docstring)."""
-        samples = [self.sample(epoch, position) for epoch, position in items]
-        batch = {
-            "image": torch.stack([s["image"] for s in samples]),
-            "text": torch.stack([s["text"] for s in samples]),
-            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-            "image_row": torch.tensor([s["image_row"] for s in samples], dtype=torch.int64),
-            "text_row": torch.tensor([s["text_row"] for s in samples], dtype=torch.int64),
-            "skipped": [skip for s in samples for skip in s["skipped"]],
-        }
+        """One local batch, built in a DataLoader worker (see the class docstring)."""
+        height, width = self.image_cfg.size
+        images = _batch_buffer((len(items), 3, height, width), torch.uint8)
+        texts, index, image_row, text_row, skipped = [], [], [], [], []
+        for i, (epoch, position) in enumerate(items):
+            sample = self.sample(epoch, position)
+            images[i] = sample["image"]
+            texts.append(sample["text"])
+            index.append(sample["index"])
+            image_row.append(sample["image_row"])
+            text_row.append(sample["text_row"])
+            skipped += sample["skipped"]
+        batch = {"image": images, "text": torch.stack(texts), "index": torch.tensor(index),
+                 "image_row": torch.tensor(image_row), "text_row": torch.tensor(text_row),
+                 "skipped": skipped}
         if self.cache is not None:
             batch["t_img"] = self.cache.image_embeddings(batch["image_row"].numpy(), stored=True)
             batch["t_txt"] = self.cache.text_embeddings(batch["text_row"].numpy(), stored=True)
@@ -258,6 +263,17 @@ class PairDataset(torch.utils.data.Dataset):
 
             self._to_uint8 = transforms.PILToTensor()
         return self._to_uint8(view)
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor to fill sample by sample; in a DataLoader worker it is allocated in
+    shared memory, so handing the batch to the main process copies nothing (what torch's
+    default_collate does for the batches it stacks)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
