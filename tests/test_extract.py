@@ -306,9 +306,9 @@ def test_cli_misuse_is_one_line_and_exit_2(tmp_path, csv_dataset, wds_dataset, t
     code, _, err = run_cli(*base, "--data", csv_dataset.path, *teacher, "--out", str(tmp_path / "notes"))
     _one_line_error(code, err, "not an rdkd cache")
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
-    code, _, err = run_cli(*base, "--data", csv_dataset.path, *teacher, "--precision", "bf16", "--device", "cpu",
+    code, _, err = run_cli(*base, "--data", csv_dataset.path, *teacher, "--precision", "fp16", "--device", "cpu",
                            "--out", str(tmp_path / "c"))
-    _one_line_error(code, err, "needs CUDA")
+    _one_line_error(code, err, "needs a CUDA device")
     code, _, err = run_cli(*base, "--data", csv_dataset.path, *teacher, "--view-scale", "big",
                            "--out", str(tmp_path / "c"))
     _one_line_error(code, err, "--view-scale")
