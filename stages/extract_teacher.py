@@ -34,8 +34,9 @@ Rates, per process (:class:`ExtractSummary`, the printed line):
   batches (each worker's first batch carries its start-up; the first batches also carry the
   device's warm-up), the images of batches K+1..N divided by the wall time from the moment
   batch K's embeddings were on the host to the moment batch N's were (the end of the
-  forward work; the last shard write, the index and the manifest come after it). None when
-  N <= K. Batches the workers had ready when the window opens (at most workers x prefetch)
+  forward work; the last shard write, the index and the manifest come after it). "On the
+  host": on CUDA when the wait for the batch's copy back returns; on a CPU device, where the
+  forward runs synchronously, when it returns. None when N <= K. Batches the workers had ready when the window opens (at most workers x prefetch)
   count in it, so on a loader-bound run this over-states the loader's rate by at most that
   many batches over N - K.
 """
@@ -257,22 +258,34 @@ class _ShardBatches:
 # --- the teacher on the device ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """A batch with its embeddings on the host."""
+
+    batch: _Batch
+    image_emb: np.ndarray | None  # [len(keys) * K, dim] float32, L2-normalised; None for a batch of rejects
+    text_emb: np.ndarray | None  # [len(captions), dim]
+    ready_at: float  # time.perf_counter() when the embeddings were on the host
+
+
 @dataclass
 class _InFlight:
     """A batch whose embeddings are on their way to the host."""
 
     batch: _Batch
-    image_emb: torch.Tensor | None  # [len(keys) * K, dim] float32, on the host once `done` has passed
-    text_emb: torch.Tensor | None  # [len(captions), dim]
+    image_emb: torch.Tensor | None  # host tensors, filled once `done` has passed
+    text_emb: torch.Tensor | None
     done: torch.cuda.Event | None  # CUDA: recorded after the copies back were queued
+    ready_at: float | None  # elsewhere the forward ran synchronously: ready when it returned
 
-    def result(self) -> tuple[_Batch, np.ndarray | None, np.ndarray | None]:
-        """The batch with its embeddings on the host; waits for the device (the one wait per batch)."""
+    def wait(self) -> Embedded:
+        """The embeddings on the host; waits for the device (the one wait per batch)."""
         if self.done is not None:
             self.done.synchronize()
+        ready_at = self.ready_at if self.ready_at is not None else time.perf_counter()
         if self.image_emb is None:
-            return self.batch, None, None
-        return self.batch, self.image_emb.numpy(), self.text_emb.numpy()
+            return Embedded(self.batch, None, None, ready_at)
+        return Embedded(self.batch, self.image_emb.numpy(), self.text_emb.numpy(), ready_at)
 
 
 class TeacherForward:
@@ -285,24 +298,23 @@ class TeacherForward:
         self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
 
     def start(self, batch: _Batch) -> _InFlight:
-        """Queue the batch's forward and the copies back; return at once."""
+        """Queue the batch's forward and the copies back; on CUDA return at once."""
         if not batch.keys:
-            return _InFlight(batch, None, None, None)
+            return _InFlight(batch, None, None, None, time.perf_counter())
         with torch.inference_mode(), runtime.autocast(self.device, self.precision):
             pixels = self.normalize(batch.pixels.to(self.device, non_blocking=True))
             image_emb = self.model.encode_image(pixels)
             text_emb = self.model.encode_text(batch.tokens.to(self.device, non_blocking=True))
             image_emb = F.normalize(image_emb.float(), dim=-1).to("cpu", non_blocking=True)
             text_emb = F.normalize(text_emb.float(), dim=-1).to("cpu", non_blocking=True)
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return _InFlight(batch, image_emb, text_emb, done)
+        if self.device.type != "cuda":
+            return _InFlight(batch, image_emb, text_emb, None, time.perf_counter())
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(batch, image_emb, text_emb, done, None)
 
 
-def teacher_outputs(batches: Iterator[_Batch], forward: TeacherForward
-                    ) -> Iterator[tuple[_Batch, np.ndarray | None, np.ndarray | None]]:
+def teacher_outputs(batches: Iterator[_Batch], forward: TeacherForward) -> Iterator[Embedded]:
     """Each batch with its embeddings on the host, one batch late: batch i+1 is queued on
     the device before batch i's embeddings are waited for, so the device keeps working while
     the caller stores batch i."""
@@ -310,10 +322,10 @@ def teacher_outputs(batches: Iterator[_Batch], forward: TeacherForward
     for batch in batches:
         queued = forward.start(batch)
         if in_flight is not None:
-            yield in_flight.result()
+            yield in_flight.wait()
         in_flight = queued
     if in_flight is not None:
-        yield in_flight.result()
+        yield in_flight.wait()
 
 
 # --- the shards' rows ------------------------------------------------------------------------
@@ -385,8 +397,9 @@ class ShardAssembler:
         self._starts = np.array([entries.start for entries in live.values()], dtype=np.int64)
         return list(live.values())
 
-    def add(self, batch: _Batch, image_emb: np.ndarray | None, text_emb: np.ndarray | None) -> int | None:
+    def add(self, done: Embedded) -> int | None:
         """Store a batch's rows in its shard; return the shard when this completed and wrote it."""
+        batch, image_emb, text_emb = done.batch, done.image_emb, done.text_emb
         shard = self._shards[int(np.searchsorted(self._starts, batch.first, side="right")) - 1]
         rows = self.open[shard]
         rows.rejects.extend(batch.rejects)
@@ -420,13 +433,13 @@ class _Clock:
         self.window_end: float | None = None
         self.window_images = 0
 
-    def batch_done(self, images: int) -> None:
-        now = time.perf_counter()
+    def batch_done(self, images: int, ready_at: float) -> None:
+        """Batch number ``batches + 1``, of ``images`` images, had its embeddings on the host at ``ready_at``."""
         self.batches += 1
         if self.batches == self.fill_batches:
-            self.window_start = now
+            self.window_start = ready_at
         elif self.batches > self.fill_batches:
-            self.window_end = now
+            self.window_end = ready_at
             self.window_images += images
 
     @property
@@ -748,14 +761,14 @@ def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejec
     forward = TeacherForward(job.loaded, job.device, config.precision)
     show = config.progress and job.rank == 0
     with runtime.progress(show, "extract-teacher", sum(map(len, live)), unit="images") as advance:
-        for batch, image_emb, text_emb in teacher_outputs(iter(_loader(job, live)), forward):
-            clock.batch_done(len(batch.keys))
-            written = assembler.add(batch, image_emb, text_emb)
+        for done in teacher_outputs(iter(_loader(job, live)), forward):
+            clock.batch_done(len(done.batch.keys), done.ready_at)
+            written = assembler.add(done)
             # One process knows the run can no longer meet the threshold: stop now, keep what
             # is written (under torchrun the check waits for all ranks, at the end).
             if written is not None and job.world == 1:
                 limit.check(job.root, index_rejects + assembler.rejects, partial=True)
-            advance(batch.entries)
+            advance(done.batch.entries)
     return assembler.images, clock
 
 
@@ -811,5 +824,6 @@ def _print_summary(summary: ExtractSummary, world: int) -> None:
         f"{summary.rejects:,} rejects; {summary.shards_done} shard(s) extracted in {summary.seconds:.1f} s "
         f"({summary.images_per_second:,.1f} images/s whole run, "
         f"{f'{steady:,.1f}' if steady is not None else '-'} images/s steady state"
-        f"{' on rank 0' if world > 1 else ''})"
+        f"{' on rank 0' if world > 1 else ''})",
+        soft_wrap=True,  # one line in a log, whatever the terminal's width
     )
