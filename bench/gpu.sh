@@ -76,7 +76,8 @@ gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohea
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//')
 torch_line=$("$PY" -c "import torch; print(torch.__version__, 'CUDA', torch.version.cuda)" 2>&1 | tail -n 1)
 commit=${RDKD_COMMIT:-$(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)}
-echo "machine: ${gpu:-no GPU}; $(nproc) CPUs ($cpu); $(free -g 2>/dev/null | awk '/Mem:/{print $2 " GiB RAM"}'); torch $torch_line; rdkd $commit"
+echo "machine: ${gpu:-no GPU}; $(nproc) CPUs ($cpu); $(free -g 2>/dev/null | awk '/Mem:/{print $2 " GiB RAM"}'); \
+/dev/shm $(df -h /dev/shm 2>/dev/null | awk 'NR==2{print $4 " free"}'); torch $torch_line; rdkd $commit"
 echo "work folder: $WORK; results: $RESULTS; limit ${LIMIT_S} s"
 GPU=${gpu:-none} CPU=$cpu CPUS=$(nproc) TORCH=$torch_line COMMIT=$commit "$PY" -c '
 import json, os, sys
@@ -101,7 +102,7 @@ run_stage demo-data 150 rdkd demo-data --profile quick --image-size "$SIZE" --pr
     --zeroshot-per-class 0 --train "$IMAGES" --train-format csv --workers "$WORKERS" --out "$WORK/data"
 
 # 3. the teacher, once
-run_stage extract 150 rdkd extract-teacher --data "$WORK/data/train/train.csv" --model "$TEACHER" \
+run_stage extract 200 rdkd extract-teacher --data "$WORK/data/train/train.csv" --model "$TEACHER" \
     --batch-size "$EXTRACT_BATCH" --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" \
     --no-progress --out "$WORK/cache"
 
