@@ -17,7 +17,7 @@
 #     OUT=DIR bash bench/gpu.sh               # also: summary.json, bare.jsonl, logs.txt, metrics in DIR
 #
 # On a machine without a registry, install first: bash bench/device_setup.sh (see BENCHMARKS.md, P8).
-# CPU smoke test of the script itself (a few minutes on 2 cores):
+# CPU smoke test of the script itself (3-5 minutes on 2 busy cores):
 #   DEVICE=cpu PRECISION=fp32 TEACHER=demo-teacher-vit STUDENT=demo-student-vit SIZE=32 IMAGES=300 \
 #   EXTRACT_BATCH=64 TRAIN_BATCHES="16 32" TRAIN_STEPS="6 4" LOG_EVERY=2 WORKERS=2 COMPILE_STEPS=0 \
 #   BARE_ARGS="--warmup 1 --steps 2 --repeats 2" bash bench/gpu.sh
