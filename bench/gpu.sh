@@ -6,7 +6,8 @@
 #   2. rdkd demo-data: IMAGES (50,000) 224 px PNG scenes as an open_clip CSV;
 #   3. rdkd extract-teacher: ViT-B-16 (random init) over them, batch 1024;
 #   4. rdkd train-student: ViT-T-16, cliprd, from that cache, batch 256 (60 steps) and 1024
-#      (40 steps), a log record every 10 steps; then, if time is left, batch 1024 with --compile;
+#      (40 steps, its peak host memory (PSS + shared memory) watched by bench/train_feed.py),
+#      a log record every 10 steps; then, if time is left, batch 1024 with --compile;
 # and prints (bench/gpu_summary.py) extraction steady img/s / bare forward img/s, train
 # samples/s (log intervals after the first) / bare step samples/s, the data-wait share, peak
 # GPU memory and the targets (>= 0.85 each). bf16 on CUDA; models random-init (the speed of a
@@ -107,10 +108,11 @@ run_stage extract 200 rdkd extract-teacher --data "$WORK/data/train/train.csv" -
     --no-progress --out "$WORK/cache"
 
 # 4. the student from the cache, at each batch; then --compile at the largest, with what is left
-train() {  # train NAME BATCH STEPS CAP [extra options]
-  local name=$1 batch=$2 steps=$3 cap=$4
+train() {  # train NAME BATCH STEPS CAP [extra options]; the largest batch under the memory watch
+  local name=$1 batch=$2 steps=$3 cap=$4 watch=()
   shift 4
-  run_stage "$name" "$cap" rdkd train-student --data "$WORK/data/train/train.csv" --cache "$WORK/cache" \
+  [ "$batch" = "${batches[-1]}" ] && [ "$name" = "train-$batch" ] && watch=("$PY" "$HERE/train_feed.py" watch --)
+  run_stage "$name" "$cap" "${watch[@]}" rdkd train-student --data "$WORK/data/train/train.csv" --cache "$WORK/cache" \
       --student "$STUDENT" --loss cliprd --steps "$steps" --batch-size "$batch" --precision "$PRECISION" \
       --workers "$WORKERS" --device "$DEVICE" --log-every "$LOG_EVERY" --save-every 100000 --no-progress \
       --out "$WORK/$name" "$@"
