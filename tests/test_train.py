@@ -5,9 +5,13 @@ Tiny models (32 px, 2 layers) on the 12 standard samples; every run is a few ste
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import json
+import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +24,7 @@ import torch
 import builders
 from builders import run_cli
 from rdkd.stages.train_student import train_student
-from rdkd.training import EpochBatchSampler, PairDataset, WarmupCosine, build_optimizer
+from rdkd.training import EpochBatchSampler, PairDataset, WarmupCosine, build_optimizer, sample_rng
 
 # Tiny students with another embedding size than the tiny teacher's 32, so the loss's
 # projection heads are used: a ViT and an open_clip ModifiedResNet (layers as a list).
@@ -65,6 +69,20 @@ def teacher_cache(tmp_path_factory, tiny_teacher, csv_dataset) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def teacher_cache_fp16(tmp_path_factory, tiny_teacher, csv_dataset) -> Path:
+    """The same cache stored as float16 (the default storage): rows that stay exactly the
+    cache's values however they travel to the loss. 3 views per image; the closest two
+    rows of different views differ by 8e-3 (max abs), 30 times float16's rounding."""
+    from rdkd.cache import ViewConfig
+    from rdkd.stages.extract_teacher import extract_teacher
+
+    out = tmp_path_factory.mktemp("cache16") / "cache"
+    extract_teacher(csv_dataset, tiny_teacher, out, views=ViewConfig(count=3), batch_size=8,
+                    workers=0, storage_dtype="float16", progress=False)
+    return out
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
 
@@ -74,6 +92,93 @@ def _one_error_line(err: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def _record_loss_calls(monkeypatch) -> list[dict]:
+    """Patch ``DistillLoss.forward`` (class level) to record every call: its arguments by
+    name (tensors detached and copied), the loss module and its state at the call."""
+    from rdkd.losses import DistillLoss
+
+    real = DistillLoss.forward
+    calls: list[dict] = []
+
+    def recording(self, *args, **kwargs):
+        bound = inspect.signature(real).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        call = {name: value.detach().clone() if torch.is_tensor(value) else value
+                for name, value in bound.arguments.items() if name != "self"}
+        call["module"] = self
+        call["state"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        calls.append(call)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillLoss, "forward", recording)
+    return calls
+
+
+def _record_students(monkeypatch) -> list[dict]:
+    """Wrap ``rdkd.models.create_student``: record each student built and, per forward call,
+    its (image, text) inputs and its weights at that moment."""
+    import rdkd.models
+
+    real = rdkd.models.create_student
+    students: list[dict] = []
+
+    def creating(*args, **kwargs):
+        built = real(*args, **kwargs)
+        record = {"model": built.model, "forwards": []}
+
+        def before_forward(module, args, kwargs):
+            named = dict(zip(("image", "text"), args), **kwargs)
+            record["forwards"].append({
+                "image": named["image"].detach().clone(), "text": named["text"].detach().clone(),
+                "state": {k: v.detach().clone() for k, v in module.state_dict().items()}})
+
+        built.model.register_forward_pre_hook(before_forward, with_kwargs=True)
+        students.append(record)
+        return built
+
+    monkeypatch.setattr(rdkd.models, "create_student", creating)
+    return students
+
+
+def _sampled_pairs(spec, cache, seed: int, batch_size: int, steps: int) -> list[list[dict]]:
+    """What one process should train on at each step, derived from the pure functions that
+    decide it: the usable entries (dataset order, keys the cache holds and did not reject),
+    the sampler's order for (seed, epoch), then per sample its own stream, which draws the
+    caption first and the view second."""
+    from rdkd.data import open_dataset
+
+    data = open_dataset(spec)
+    rejected = set(cache.rejected_keys)
+    usable = [i for i, key in enumerate(data.keys) if key not in rejected and cache.find(key) is not None]
+    sampler = EpochBatchSampler(len(usable), batch_size, seed)
+    batches = []
+    for step in range(steps):
+        epoch, in_epoch = divmod(step, sampler.steps_per_epoch)
+        batch = []
+        for item_epoch, position in sampler.epoch_batches(epoch)[in_epoch]:
+            assert item_epoch == epoch
+            index = usable[position]
+            entry = cache.find(data.keys[index])
+            captions = data.captions(index)
+            assert len(captions) == len(entry.text_rows)
+            rng = sample_rng(seed, epoch, index)
+            caption = int(rng.integers(len(captions)))
+            view = int(rng.integers(len(entry.image_rows)))
+            batch.append({"epoch": epoch, "key": entry.key, "caption": captions[caption],
+                          "image_row": entry.image_rows[view], "text_row": entry.text_rows[caption]})
+        batches.append(batch)
+    return batches
+
+
+def _rows(batch: list[dict], kind: str) -> np.ndarray:
+    return np.asarray([sample[f"{kind}_row"] for sample in batch], dtype=np.int64)
+
+
+def _nearest_rows(got: torch.Tensor, table: torch.Tensor) -> list[int]:
+    """For a failure message: the cache row closest to each row of ``got``."""
+    return (got.float()[:, None] - table[None]).abs().amax(-1).argmin(1).tolist()
 
 
 # --- training ------------------------------------------------------------------------------
@@ -269,6 +374,111 @@ def test_skips_and_counts_images_that_fail_to_decode(tmp_path, tiny_clip_config)
     spec = builders.write_csv_dataset(tmp_path / "data", samples)
     summary = train_student(spec, str(tiny_clip_config), "clip", steps=4, out=tmp_path / "run", **FAST)
     assert sum(summary["skipped"].values()) >= 1 and np.isfinite(summary["final_loss"])
+
+
+# --- what the stage hands the loss: guards of the loop's wiring -------------------------------
+
+
+def test_loss_gets_the_cached_rows_of_the_sampled_pairs_the_student_features_and_the_teacher_scale(
+        tmp_path, monkeypatch, csv_dataset, teacher_cache_fp16, tiny_vit):
+    """One step, recorded at the loss's door: the teacher rows are the cache's image rows of
+    exactly the sampled views and its text rows of exactly the sampled captions; the teacher
+    scale is the cache's (50, not the student's 14.3 nor a constant); the student tensors are
+    the student's own normalised features of what it was fed (the sampled captions'
+    tokens); the logged terms are the rdkd.losses functions of those inputs."""
+    from rdkd import losses
+    from rdkd.cache import TeacherCache
+    from rdkd.models import create_student
+
+    calls, students = _record_loss_calls(monkeypatch), _record_students(monkeypatch)
+    seed, run = 5, tmp_path / "run"
+    summary = train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache_fp16, steps=1, seed=seed,
+                            out=run, **FAST)
+    cache = TeacherCache.open(teacher_cache_fp16)
+    [batch] = _sampled_pairs(csv_dataset, cache, seed, FAST["batch_size"], steps=1)
+    [call] = calls
+    want_img, want_txt = cache.image_embeddings(_rows(batch, "image")), cache.text_embeddings(_rows(batch, "text"))
+    all_img = cache.image_embeddings(np.arange(cache.num_image_rows))
+    assert torch.equal(call["t_img"].float().cpu(), want_img), (
+        f"teacher image rows {_nearest_rows(call['t_img'].cpu(), all_img)} != sampled {_rows(batch, 'image')}")
+    all_txt = cache.text_embeddings(np.arange(cache.num_texts))
+    assert torch.equal(call["t_txt"].float().cpu(), want_txt), (
+        f"teacher text rows {_nearest_rows(call['t_txt'].cpu(), all_txt)} != sampled {_rows(batch, 'text')}")
+    assert cache.logit_scale == pytest.approx(50.0, rel=1e-6)
+    assert float(call["t_scale"]) == pytest.approx(cache.logit_scale, rel=1e-6)
+
+    # the student: one forward of the sampled captions, its normalised features handed on
+    [student] = students
+    [forward] = student["forwards"]
+    fresh = create_student(tiny_vit)
+    assert torch.equal(forward["text"].cpu().long(), fresh.tokenizer([s["caption"] for s in batch]))
+    fresh.model.load_state_dict(forward["state"])
+    with torch.no_grad():
+        own_img = fresh.model.encode_image(forward["image"].float().cpu(), normalize=True)
+        own_txt = fresh.model.encode_text(forward["text"].cpu(), normalize=True)
+    torch.testing.assert_close(call["s_img"].cpu(), own_img, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(call["s_txt"].cpu(), own_txt, rtol=1e-5, atol=1e-6)
+    for features in (call["s_img"], call["s_txt"]):
+        torch.testing.assert_close(features.norm(dim=1), torch.ones(len(batch)), rtol=0, atol=1e-5)
+    assert torch.equal(call["s_logit_scale"].cpu(), forward["state"]["logit_scale"])
+
+    # the logged terms: the reference functions on the cache's rows and the recorded student
+    weights = losses.weights_for("cliprd")
+    assert summary["weights"] == weights
+    s_img, s_txt = call["s_img"].cpu(), call["s_txt"].cpu()
+    state = call["state"]
+    p_img = torch.nn.functional.normalize(
+        torch.nn.functional.linear(s_img, state["head_img.weight"], state["head_img.bias"]), dim=-1)
+    p_txt = torch.nn.functional.normalize(
+        torch.nn.functional.linear(s_txt, state["head_txt.weight"], state["head_txt.bias"]), dim=-1)
+    s_scale = call["s_logit_scale"].cpu().exp().clamp(max=100)
+    a_img, a_txt, a_cross = state["scale_img"], state["scale_txt"], state["scale_cross"]  # raw: as they are
+    t_scale = cache.logit_scale
+    want = {
+        "task": losses.clip_task(s_img, s_txt, s_scale),
+        "crd": losses.crd(want_img, want_txt, s_img, s_txt, t_scale, s_scale),
+        "fd": losses.fd(want_img, want_txt, p_img, p_txt),
+        "icl": losses.icl(want_img, want_txt, p_img, p_txt, a_cross),
+        "vrd": losses.vrd(want_img, want_txt, p_img, p_txt, a_img, a_txt),
+        "xrd": losses.xrd(want_img, want_txt, p_img, p_txt, a_cross),
+    }
+    [record] = [r for r in _metrics(run) if r["step"] == 1]
+    assert {k[len("loss/"):] for k in record if k.startswith("loss/")} == set(weights) == set(want)
+    for name, value in want.items():
+        assert record[f"loss/{name}"] == pytest.approx(weights[name] * float(value), rel=1e-5), name
+    assert record["loss"] == pytest.approx(sum(weights[n] * float(v) for n, v in want.items()), rel=1e-5)
+
+
+def test_every_step_trains_the_teacher_rows_and_student_inputs_of_its_sampled_pairs(
+        tmp_path, monkeypatch, csv_dataset, teacher_cache_fp16, tiny_teacher):
+    """The student *is* the teacher (its weights; lr 0 keeps them), fed by DataLoader
+    workers for two epochs: at every step its features are the cache's rows of exactly the
+    sampled views and captions, beside the same rows on the teacher side. So pixels
+    (replayed view), tokens (chosen caption), teacher rows and their pairing are right at
+    every step, and each epoch shows every image once, in a new order."""
+    from rdkd.cache import TeacherCache
+    from rdkd.data import open_dataset
+
+    calls = _record_loss_calls(monkeypatch)
+    seed, steps = 7, 6  # 12 samples, batch 4: 3 steps per epoch
+    train_student(csv_dataset, tiny_teacher.config, "cliprd", teacher_cache_fp16, init=tiny_teacher.pretrained,
+                  steps=steps, seed=seed, out=tmp_path / "run", **{**FAST, "lr": 0.0, "workers": 2})
+    cache = TeacherCache.open(teacher_cache_fp16)
+    batches = _sampled_pairs(csv_dataset, cache, seed, FAST["batch_size"], steps)
+    assert len(calls) == steps
+    for step, (call, batch) in enumerate(zip(calls, batches), start=1):
+        want_img = cache.image_embeddings(_rows(batch, "image"))
+        want_txt = cache.text_embeddings(_rows(batch, "text"))
+        assert torch.equal(call["t_img"].float().cpu(), want_img), f"step {step}: teacher image rows"
+        assert torch.equal(call["t_txt"].float().cpu(), want_txt), f"step {step}: teacher text rows"
+        # float16 storage rounds by <= 2.5e-4; another view of the image is >= 8e-3 away
+        torch.testing.assert_close(call["s_img"].cpu(), want_img, rtol=0, atol=5e-4,
+                                   msg=lambda m: f"step {step}: student images: {m}")
+        torch.testing.assert_close(call["s_txt"].cpu(), want_txt, rtol=0, atol=5e-4,
+                                   msg=lambda m: f"step {step}: student texts: {m}")
+    epochs = [[s["key"] for b in batches[e * 3:(e + 1) * 3] for s in b] for e in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(open_dataset(csv_dataset).keys)
+    assert epochs[0] != epochs[1]
 
 
 # --- building blocks ------------------------------------------------------------------------
