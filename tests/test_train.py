@@ -484,16 +484,55 @@ def test_every_step_trains_the_teacher_rows_and_student_inputs_of_its_sampled_pa
 # --- building blocks ------------------------------------------------------------------------
 
 
-def test_sampler_is_deterministic_sharded_and_resumable():
+def _order(sampler: EpochBatchSampler, epoch: int) -> list[int]:
+    """The positions one epoch visits, in order, checking that each item carries its epoch."""
+    items = [item for batch in sampler.epoch_batches(epoch) for item in batch]
+    assert {e for e, _ in items} == {epoch}
+    return [position for _, position in items]
+
+
+def test_sampler_reshuffles_every_epoch_and_visits_each_entry_once():
+    """Orders, not (epoch, position) items, differ between epochs. Covered: when the global
+    batch divides the entries, every epoch is a permutation of all of them; otherwise it
+    visits steps_per_epoch * batch distinct entries (the rest of the permutation is the
+    dropped incomplete batch), never one twice."""
+    full = EpochBatchSampler(12, 4, seed=1)
+    orders = [_order(full, epoch) for epoch in range(4)]
+    assert all(sorted(order) == list(range(12)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 4
+    dropping = EpochBatchSampler(10, 4, seed=1)
+    for epoch in range(4):
+        order = _order(dropping, epoch)
+        assert len(order) == len(set(order)) == 8 and set(order) <= set(range(10))
+    assert len({tuple(_order(dropping, epoch)) for epoch in range(4)}) == 4
+
+
+@pytest.mark.parametrize("samples, global_batch", [(12, 4), (10, 4), (11, 4), (13, 4), (11, 6), (24, 12)])
+def test_sampler_order_is_a_function_of_seed_and_epoch_for_any_world_size(samples, global_batch):
+    """The global batch of every step depends on (seed, epoch) alone: a fresh sampler repeats
+    it, another seed changes it, and for 2, 3 or 4 ranks the ranks' local batches form the
+    1-process global batch step by step, with the same number of steps per epoch."""
+    one = EpochBatchSampler(samples, global_batch, seed=3)
+    assert [_order(one, e) for e in (0, 1)] == [_order(EpochBatchSampler(samples, global_batch, seed=3), e)
+                                               for e in (0, 1)]
+    assert _order(one, 0) != _order(EpochBatchSampler(samples, global_batch, seed=4), 0)
+    assert one.steps_per_epoch == samples // global_batch
+    for world in (2, 3, 4):
+        if global_batch % world:
+            continue
+        ranks = [EpochBatchSampler(samples, global_batch // world, seed=3, rank=r, world=world)
+                 for r in range(world)]
+        assert [r.steps_per_epoch for r in ranks] == [one.steps_per_epoch] * world, f"world {world}"
+        for epoch in (0, 1):
+            for step, global_ in enumerate(one.epoch_batches(epoch)):
+                local = [item for r in ranks for item in r.epoch_batches(epoch)[step]]
+                assert sorted(local) == sorted(global_), f"world {world}, epoch {epoch}, step {step}"
+
+
+def test_sampler_stream_resumes_mid_epoch():
     one = EpochBatchSampler(10, 4, seed=1)
-    assert one.steps_per_epoch == 2
-    epoch0, epoch1 = one.epoch_batches(0), one.epoch_batches(1)
-    assert epoch0 == EpochBatchSampler(10, 4, seed=1).epoch_batches(0) and epoch0 != epoch1
     stream = iter(EpochBatchSampler(10, 4, seed=1, start=(1, 1)))
-    assert next(stream) == epoch1[1] and next(stream) == one.epoch_batches(2)[0]
-    ranks = [EpochBatchSampler(10, 2, seed=1, rank=r, world=2).epoch_batches(0) for r in (0, 1)]
-    for step in range(2):  # the two ranks' batches form the 1-process global batch
-        assert {p for r in ranks for p in r[step]} == set(EpochBatchSampler(10, 4, seed=1).epoch_batches(0)[step])
+    assert next(stream) == one.epoch_batches(1)[1] and next(stream) == one.epoch_batches(2)[0]
 
 
 def test_optimizer_groups_follow_open_clip_decay_rule(tiny_clip_config):
