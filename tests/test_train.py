@@ -481,6 +481,90 @@ def test_every_step_trains_the_teacher_rows_and_student_inputs_of_its_sampled_pa
     assert epochs[0] != epochs[1]
 
 
+def _record_clipping(monkeypatch) -> list[dict]:
+    """Patch ``torch.nn.utils.clip_grad_norm_`` to record each call: the parameters by id
+    (in order), the max norm and each parameter's gradient as it was handed in."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls: list[dict] = []
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        parameters = [parameters] if torch.is_tensor(parameters) else list(parameters)
+        calls.append({"ids": [id(p) for p in parameters], "max_norm": max_norm,
+                      "grads": {id(p): None if p.grad is None else p.grad.detach().clone() for p in parameters}})
+        return real(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    monkeypatch.setattr(torch.nn.utils.clip_grad, "clip_grad_norm_", recording)
+    return calls
+
+
+@pytest.mark.parametrize("device, precision", [
+    ("cpu", "fp32"),
+    pytest.param("cuda", "fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                           reason="fp16's GradScaler runs on CUDA only")),
+])
+def test_grad_clip_runs_once_per_step_over_every_trained_parameter_on_unscaled_gradients(
+        device, precision, tmp_path, monkeypatch, csv_dataset, teacher_cache, tiny_vit):
+    """--grad-clip: one clip_grad_norm_ per step, over the student's and the loss module's
+    parameters (heads, scales), each once, at the given norm; and what it clips is the
+    step's true gradient: the loss module's gradients equal those recomputed from the loss's
+    recorded inputs, so under fp16 the GradScaler's factor (65536 at the start) has been
+    divided out before clipping. (The loss module computes in float32: its scaled gradients
+    never overflow, also on steps that the scaler skips for the student's fp16 overflow.)"""
+    from rdkd.losses import DistillLoss
+
+    real_forward = DistillLoss.forward
+    clips, losses_in, students = (_record_clipping(monkeypatch), _record_loss_calls(monkeypatch),
+                                  _record_students(monkeypatch))
+    steps = 3
+    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=steps, out=tmp_path / "run",
+                  grad_clip=0.5, device=device, precision=precision, **FAST)
+    [student] = students
+    loss_module = losses_in[0]["module"]
+    student_params = [p for p in student["model"].parameters() if p.requires_grad]
+    loss_params = list(loss_module.parameters())
+    assert len(loss_params) == 7  # two heads (weight and bias each) and a_I, a_T, a_X
+    assert len(clips) == steps
+    for clip in clips:
+        assert clip["max_norm"] == 0.5
+        assert sorted(clip["ids"]) == sorted(id(p) for p in student_params + loss_params)
+    for step, (clip, call) in enumerate(zip(clips, losses_in), start=1):
+        got = [clip["grads"][id(p)] for p in loss_params]
+        replica = copy.deepcopy(loss_module)
+        replica.load_state_dict(call["state"])
+        total, _ = real_forward(replica, call["t_img"], call["t_txt"], call["s_img"], call["s_txt"],
+                                call["s_logit_scale"], call["t_scale"])
+        want = torch.autograd.grad(total, list(replica.parameters()))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=lambda m: f"step {step}: {m}")
+
+
+def test_a_tiny_clip_norm_bounds_the_first_update(tmp_path, monkeypatch, capsys, csv_dataset, teacher_cache,
+                                                   tiny_vit):
+    """--grad-clip 1e-12 through the CLI, one step, no weight decay: every gradient is at
+    most 1e-12 after clipping, so AdamW's first update, lr * g / (|g| + eps) with eps 1e-6,
+    is at most lr * 1e-6 for every student and loss parameter (twice that with float
+    rounding), where the unclipped run moves both parts by about lr."""
+    lr = 2e-3
+    moved = {}
+    for name, clip in (("clipped", ["--grad-clip", "1e-12"]), ("unclipped", [])):
+        with monkeypatch.context() as patch:
+            losses_in, students = _record_loss_calls(patch), _record_students(patch)
+            run = tmp_path / name
+            code, err = run_cli(["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
+                                 "--student", tiny_vit, "--loss", "cliprd", "--steps", "1", "--batch-size", "4",
+                                 "--lr", str(lr), "--wd", "0", "--warmup", "1", "--workers", "0",
+                                 "--no-progress", "--out", str(run), *clip], capsys)
+        assert code == 0, err
+        state = torch.load(run / "checkpoints" / "step-00000001.pt", weights_only=False)
+        before = {"model": students[0]["forwards"][0]["state"], "loss": losses_in[0]["state"]}
+        moved[name] = {part: max(float((state[part][k].float() - v.float()).abs().max()) for k, v in before[part].items())
+                       for part in ("model", "loss")}
+    for part in ("model", "loss"):
+        assert moved["unclipped"][part] > 0.5 * lr, (part, moved)
+        assert moved["clipped"][part] <= 2 * lr * 1e-12 / 1e-6, (part, moved)
+
+
 # --- building blocks ------------------------------------------------------------------------
 
 
