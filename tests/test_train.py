@@ -369,11 +369,24 @@ def test_export_loads_with_plain_open_clip(tmp_path, csv_dataset, teacher_cache,
 
 
 def test_skips_and_counts_images_that_fail_to_decode(tmp_path, tiny_clip_config):
+    """One of 8 images is not an image; 4 steps of 4 are two epochs, each visiting it once:
+    two skips of that key, each recorded at the step whose batch drew it."""
+    from rdkd.data import open_dataset
+
     samples = builders.standard_samples(8)
     samples[2] = dataclasses.replace(samples[2], data=b"not an image")
     spec = builders.write_csv_dataset(tmp_path / "data", samples)
-    summary = train_student(spec, str(tiny_clip_config), "clip", steps=4, out=tmp_path / "run", **FAST)
-    assert sum(summary["skipped"].values()) >= 1 and np.isfinite(summary["final_loss"])
+    run = tmp_path / "run"
+    summary = train_student(spec, str(tiny_clip_config), "clip", steps=4, out=run, **FAST)
+    data = open_dataset(spec)
+    [bad] = [i for i in range(len(data)) if data.captions(i) == samples[2].captions]
+    sampler = EpochBatchSampler(len(data), FAST["batch_size"], seed=0)  # no cache: position = index
+    steps = [epoch * sampler.steps_per_epoch + in_epoch + 1 for epoch in (0, 1)
+             for in_epoch, batch in enumerate(sampler.epoch_batches(epoch)) if (epoch, bad) in batch]
+    assert summary["skipped"] == {"not an image": 2} and np.isfinite(summary["final_loss"])
+    assert json.loads((run / "run.json").read_text())["skipped"] == {"not an image": 2}
+    records = [json.loads(line) for line in (run / "logs" / "skipped.jsonl").read_text().splitlines()]
+    assert records == [{"key": data.keys[bad], "reason": "not an image", "step": step} for step in steps]
 
 
 # --- what the stage hands the loss: guards of the loop's wiring -------------------------------
