@@ -1,6 +1,10 @@
 """rdkd train-student: training from a teacher cache, resume, divergence, export, bad input.
 
 Tiny models (32 px, 2 layers) on the 12 standard samples; every run is a few steps on CPU.
+The wiring guards record what the stage hands the loss (``DistillLoss.forward``), the
+student (the model ``create_student`` built) and the clipper (``clip_grad_norm_``), and
+compare it with what the pure functions say a step must see (``EpochBatchSampler``,
+``sample_rng``, ``TeacherCache`` rows, ``rdkd.losses`` terms); they read no batch format.
 """
 
 from __future__ import annotations
@@ -541,13 +545,16 @@ def test_grad_clip_runs_once_per_step_over_every_trained_parameter_on_unscaled_g
                   grad_clip=0.5, device=device, precision=precision, **FAST)
     [student] = students
     loss_module = losses_in[0]["module"]
-    student_params = [p for p in student["model"].parameters() if p.requires_grad]
+    trained = {id(p): f"student {n}" for n, p in student["model"].named_parameters() if p.requires_grad}
     loss_params = list(loss_module.parameters())
     assert len(loss_params) == 7  # two heads (weight and bias each) and a_I, a_T, a_X
+    trained.update({id(p): f"loss {n}" for n, p in loss_module.named_parameters()})
     assert len(clips) == steps
-    for clip in clips:
+    for step, clip in enumerate(clips, start=1):
         assert clip["max_norm"] == 0.5
-        assert sorted(clip["ids"]) == sorted(id(p) for p in student_params + loss_params)
+        missed = sorted(name for i, name in trained.items() if i not in clip["ids"])
+        assert not missed, f"step {step}: {len(missed)} trained parameters not clipped: {missed[:4]}"
+        assert len(clip["ids"]) == len(set(clip["ids"])) == len(trained), f"step {step}: extra or repeated"
     for step, (clip, call) in enumerate(zip(clips, losses_in), start=1):
         got = [clip["grads"][id(p)] for p in loss_params]
         replica = copy.deepcopy(loss_module)
