@@ -289,7 +289,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         self.rank = rank
         self.world = world
         self.start = start
-        self.steps_per_epoch = math.ceil(num_samples / world) // batch_size
+        # Full global batches only: DistributedSampler pads a shard by repeating entries when
+        # the world does not divide the entries; counting per rank (ceil(n / world) // batch)
+        # would let those repeats into a step and give another world size another epoch.
+        self.steps_per_epoch = num_samples // (world * batch_size)
         if self.steps_per_epoch == 0:
             raise UserError(f"the global batch ({batch_size * world}) is larger than the "
                             f"{num_samples} usable samples")
