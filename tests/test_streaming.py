@@ -138,7 +138,7 @@ distributed.cleanup()
 """
 
 
-@pytest.mark.parametrize("world,left_out", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("world,left_out", [(1, 1), pytest.param(2, 3, marks=pytest.mark.slow)])
 def test_one_epoch_shows_every_usable_sample_once_across_ranks(
         world, left_out, tmp_path, stream_data, stream_cache, tiny_vit):
     """2 DataLoader workers per rank, local batch 2. Each rank's 2 lanes hold 12 and 12 or
@@ -281,8 +281,8 @@ def test_a_cache_not_aligned_with_the_data_shards_is_refused(tmp_path, capsys, t
     from rdkd.stages.extract_teacher import extract_teacher
 
     def cache_of(spec, name):
-        extract_teacher(spec, tiny_teacher, tmp_path / name, batch_size=8, workers=0, progress=False)
-        return str(tmp_path / name)
+        extract_teacher(spec, tiny_teacher, tmp_path / f"cache-{name}", batch_size=8, workers=0, progress=False)
+        return str(tmp_path / f"cache-{name}")
 
     # the same 12 samples in 3 shards of 4, and the same 2 shards with the samples reversed
     three = builders.write_wds_dataset(tmp_path / "three", samples, per_shard=4)
@@ -290,13 +290,15 @@ def test_a_cache_not_aligned_with_the_data_shards_is_refused(tmp_path, capsys, t
     two = builders.write_wds_dataset(tmp_path / "two", samples, per_shard=6)
     base = ["train-student", "--student", tiny_vit, "--stream", "--steps", "1", "--batch-size", "2",
             "--workers", "0", "--no-progress", "--device", "cpu"]
-    for data, cache, says in [
+    cases = [
         (two.path, cache_of(csv_dataset, "rows"), "not shard-aligned with the data: it is cut into shards of"),
         (two.path, cache_of(three, "three"), "not shard-aligned with the data: 3 cache shards for 2 data shards"),
         (two.path, cache_of(reversed_two, "reversed"), "does not hold cache shard 0's first sample"),
-    ]:
+    ]
+    capsys.readouterr()
+    for data, cache, says in cases:
         line = _refused([*base, "--data", data, "--cache", cache, "--out", str(tmp_path / "out")], capsys)
         assert says in line, line
-    assert "webdataset" in _refused([*base, "--data", csv_dataset.path, "--cache", str(tmp_path / "rows"),
+    assert "webdataset" in _refused([*base, "--data", csv_dataset.path, "--cache", str(tmp_path / "cache-rows"),
                                      "--out", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()
