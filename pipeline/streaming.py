@@ -258,23 +258,25 @@ class ShardStream:
         :class:`EpochStream` whose workers are the lanes, stopped after
         ``steps_per_epoch`` batches."""
         epoch, step = divmod(start_step, steps_per_epoch)
+        batches = self._epoch_loader(epoch, step, loader_options)
         while True:
-            made = self.lane_batches(epoch)[self.rank].tolist()
-            taken, next_lane = round_robin(made, step)
-            loader = torch.utils.data.DataLoader(
-                EpochStream(self, epoch, taken, next_lane), batch_size=None, num_workers=self.workers,
-                **loader_options)
-            batches = iter(loader)
-            for _ in range(steps_per_epoch - step):
+            for k in range(step, steps_per_epoch):
                 try:
                     batch = next(batches, None)
                 except UserError as err:  # raised in a worker: DataLoader adds its traceback
                     raise UserError(_last_line(str(err))) from None
                 if batch is None:
                     raise UserError(f"rank {self.rank}'s stream ended before step {steps_per_epoch} of epoch {epoch}")
+                if k == steps_per_epoch - 1:  # the next epoch's workers fill their buffers while this batch trains
+                    upcoming = self._epoch_loader(epoch + 1, 0, loader_options)
                 yield batch
-            del batches, loader  # ends this epoch's workers
-            epoch, step = epoch + 1, 0
+            batches, epoch, step = upcoming, epoch + 1, 0  # dropping the iterator ends its workers
+
+    def _epoch_loader(self, epoch: int, step: int, loader_options: dict) -> Iterator[dict]:
+        """A DataLoader iterator over ``epoch`` from its ``step``-th batch on."""
+        taken, next_lane = round_robin(self.lane_batches(epoch)[self.rank].tolist(), step)
+        return iter(torch.utils.data.DataLoader(EpochStream(self, epoch, taken, next_lane), batch_size=None,
+                                                num_workers=self.workers, **loader_options))
 
     def lane(self, epoch: int, lane: int, skip: int) -> Iterator[dict]:
         """The full batches of one lane in ``epoch``, after its first ``skip``."""
