@@ -3,10 +3,13 @@
     efficiency = end-to-end extraction rate / bare teacher forward rate   (target >= 0.90)
 
 - End-to-end: a full ``extract_teacher`` call over webdataset shards of generated JPEGs:
-  reading tar members, decoding, the teacher's preprocessing and tokenisation in DataLoader
-  workers, image and text forward passes, L2-normalising, the float16 cast and the atomic
-  shard, index and manifest writes. The rate is images / ``summary.seconds`` (everything
-  after setup; dataset indexing and model loading are one-off costs and excluded).
+  reading tar members, decoding, the teacher's geometric preprocessing to uint8 and
+  tokenisation in DataLoader workers, normalising on the device, image and text forward
+  passes, L2-normalising, the float16 cast and the atomic shard, index and manifest writes.
+  The rate is images / ``summary.seconds`` (everything after setup; dataset indexing and
+  model loading are one-off costs and excluded). The stage's steady-state rate (pipeline
+  fill excluded; defined in ``rdkd.stages.extract_teacher``) is reported over the bare rate
+  too.
 - Bare forward: the same teacher, batch size and precision on the same images, decoded and
   preprocessed beforehand into one tensor, and the same captions tokenised beforehand:
   ``encode_image`` + ``encode_text`` per batch under ``torch.inference_mode`` and nothing else.
@@ -20,7 +23,9 @@ On a shared machine wall-clock rates swing with other jobs, so the script also p
 CPU-time ratio: CPU seconds per image of the bare forward / of the whole extraction
 (the extraction loop with its DataLoader workers; setup excluded), and the share of the
 end-to-end wall time spent inside the teacher's encode calls. A cost breakdown
-(decode + preprocess per image, shard writes) is printed to say what dominates.
+(decode + preprocess per image, shard writes) is printed to say what dominates, and the
+bytes per image that leave the DataLoader workers (uint8 views + token ids, beside what the
+same batch weighs with float32 pixels, as the stage shipped before).
 
     python bench/extract_efficiency.py                     # CPU defaults
     python bench/extract_efficiency.py --device cuda --images 4096 --batch-size 256 --workers 8
@@ -42,7 +47,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rdkd import runtime
 from rdkd.cache import writer
+from rdkd.cache.views import ViewConfig
 from rdkd.data import DataSpec, decode_image, open_dataset
 from rdkd.models import ModelSpec, load_clip
 from rdkd.stages import extract_teacher as stage
@@ -77,13 +84,11 @@ def write_shards(root: Path, images: int, per_shard: int, size: int = 224, seed:
 def bare_forward_rate(loaded, pixels: torch.Tensor, tokens: torch.Tensor, batch_size: int, device: torch.device,
                       precision: str) -> float:
     """Images per second of encode_image + encode_text on ready tensors (already on the device)."""
-    autocast = (torch.autocast("cuda", dtype=stage._AUTOCAST_DTYPE[precision]) if precision != "fp32"
-                else torch.autocast("cpu", enabled=False))
     n = len(pixels)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), runtime.autocast(device, precision):
         for i in range(0, n, batch_size):
             loaded.model.encode_image(pixels[i:i + batch_size])
             loaded.model.encode_text(tokens[i:i + batch_size])
@@ -107,7 +112,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = stage._resolve_device(args.device, 0)
+    device = runtime.resolve_device(args.device)
+    runtime.check_precision(args.precision, device)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="rdkd-bench-extract-"))
     spec = write_shards(work / "data", args.images, args.per_shard)
     torch.manual_seed(0)
@@ -124,6 +130,13 @@ def main() -> None:
     torch.set_num_threads(threads)
     tokens = loaded.tokenizer([dataset.captions(i)[0] for i in range(len(dataset))])
     pixels, tokens = pixels.to(device), tokens.to(device)
+
+    # What one batch weighs when it leaves a worker: uint8 views and token ids, as the stage's
+    # DataLoader builds it, and the same batch with float32 pixels.
+    inputs = stage.TeacherInputs(dataset, loaded, ViewConfig())
+    batch = stage._collate([inputs[i] for i in range(min(args.batch_size, len(dataset)))])
+    shipped = (batch.pixels.nbytes + batch.tokens.nbytes) / len(batch.keys)
+    as_float32 = (batch.pixels.numel() * 4 + batch.tokens.nbytes) / len(batch.keys)
 
     # Time the shard writes inside the end-to-end runs (wrapping the writer the stage calls).
     write_seconds = [0.0]
@@ -174,16 +187,16 @@ def main() -> None:
 
     # CPU time of the extraction loop itself (its workers are joined before it returns).
     loop_cpu = [0.0]
-    real_run_shards = stage._run_shards
+    real_extract_shards = stage._extract_shards
 
-    def timed_run_shards(*a, **k):
+    def timed_extract_shards(*a, **k):
         cpu = cpu_seconds()
         try:
-            return real_run_shards(*a, **k)
+            return real_extract_shards(*a, **k)
         finally:
             loop_cpu[0] = cpu_seconds() - cpu
 
-    stage._run_shards = timed_run_shards
+    stage._extract_shards = timed_extract_shards
 
     def run_e2e(r: int) -> tuple[float, float, float]:
         write_seconds[0] = forward_seconds[0] = 0.0
@@ -191,9 +204,10 @@ def main() -> None:
                                         workers=args.workers, device=str(device), precision=args.precision,
                                         progress=False)
         forward_shares.append(forward_seconds[0] / summary.seconds)
+        steady.append(summary.steady_images_per_second or float("nan"))
         return summary.images / summary.seconds, write_seconds[0] / summary.seconds, loop_cpu[0] / summary.images
 
-    bare, e2e, writes, cpu_ratios, forward_shares = [], [], [], [], []
+    bare, e2e, steady, writes, cpu_ratios, forward_shares = [], [], [], [], [], []
     for r in range(args.repeats):
         # A B B A ...: a machine whose load drifts during the run biases neither side.
         if r % 2 == 0:
@@ -207,11 +221,12 @@ def main() -> None:
         writes.append(write_share)
         cpu_ratios.append(bare_cpu / e2e_cpu)
         print(f"repeat {r}: bare forward {bare[-1]:.2f} img/s, end-to-end {e2e[-1]:.2f} img/s, "
-              f"ratio {e2e[-1] / bare[-1]:.3f}; CPU s/image bare {bare_cpu:.3f}, end-to-end {e2e_cpu:.3f}; "
+              f"ratio {e2e[-1] / bare[-1]:.3f}, steady state {steady[-1]:.2f} img/s; CPU s/image bare {bare_cpu:.3f}, end-to-end {e2e_cpu:.3f}; "
               f"load average {os.getloadavg()[0]:.1f}")
 
     ratios = [e / b for e, b in zip(e2e, bare)]
     ratio = statistics.median(ratios)
+    steady_ratios = [s / b for s, b in zip(steady, bare)]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
           f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"teacher ViT-B-32 (random init), {args.images} JPEGs 224x224, batch {args.batch_size}, "
@@ -220,6 +235,11 @@ def main() -> None:
           f"(min-max {min(bare):.1f}-{max(bare):.1f})")
     print(f"end-to-end extraction:       median {statistics.median(e2e):.1f} img/s "
           f"(min-max {min(e2e):.1f}-{max(e2e):.1f})")
+    print(f"steady-state extraction:     median {statistics.median(steady):.1f} img/s "
+          f"(min-max {min(steady):.1f}-{max(steady):.1f}), over the bare forward: median "
+          f"{statistics.median(steady_ratios):.3f} (min-max {min(steady_ratios):.3f}-{max(steady_ratios):.3f})")
+    print(f"bytes per image leaving the workers: {shipped:,.0f} (uint8 {tuple(batch.pixels.shape[1:])} + "
+          f"{batch.tokens.shape[1]} token ids); with float32 pixels {as_float32:,.0f} ({as_float32 / shipped:.2f}x)")
     print(f"cost breakdown: decode + preprocess {decode_s * 1e3:.2f} ms/image on one core "
           f"(in workers, overlapped), forward {1e3 / statistics.median(bare):.2f} ms/image, "
           f"shard writes {statistics.median(writes):.1%} of end-to-end time")

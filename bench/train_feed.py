@@ -12,14 +12,18 @@ Three figures of issue #10's targets, each from a full ``train_student`` run:
   batches the main process receives) over the essential payload (the uint8 image at the
   student's size + its tokens + the two teacher rows in the cache's storage dtype).
   Target <= 1.1.
-- ``memory``: peak memory of a train-student run at batch ``--batch`` (1024), 224 px
-  (ViT-T-16), ``--workers`` (16) workers: the peak over time of the summed PSS of the
-  training process and its workers plus the growth of the machine's shared memory
-  (``Shmem`` of /proc/meminfo: batches in flight live there; counting both counts a mapped
-  batch twice, so the sum is an upper bound). Target <= 8 GB.
+- ``memory``: peak host memory of train-student's feed at batch ``--batch`` (1024), 224 px
+  (ViT-T-16), ``--workers`` (16) workers: its set-up and DataLoader as the stage builds them,
+  ``--batches`` batches drawn, no model step (on a GPU the activations are device memory;
+  ``bench/gpu.sh`` measures the whole stage there with ``watch``). The figure is the peak
+  over time of the summed anonymous and file-backed PSS of the process and its workers plus
+  the growth of the machine's shared memory (``Shmem`` of /proc/meminfo: the batches in
+  flight live there, counted once whether mapped or not). Target <= 8 GB.
+- ``watch -- COMMAND...``: that same peak for any command (gpu.sh wraps train-student in it).
 
     python bench/train_feed.py syncs bytes          # ~1 min on 2 cores
-    python bench/train_feed.py memory               # several minutes on 2 cores (16 workers, batch 1024)
+    python bench/train_feed.py memory               # a few minutes on 2 cores (16 workers, batch 1024)
+    python bench/train_feed.py watch -- rdkd train-student ...
 
 The data: ``rdkd demo-data`` scenes at ``--image-size`` (CSV of PNGs), a cache from the
 demo teacher (``demo-teacher-vit``, random init; its 32 px input is all a cache needs).
@@ -91,16 +95,18 @@ def bytes_per_sample(root: Path, spec: DataSpec, cache: Path, student: str, batc
 
 
 def _tree_pss(pid: int) -> int:
-    """Summed PSS (bytes) of a process and its descendants."""
+    """Summed PSS (bytes) of a process and its descendants, anonymous and file-backed
+    pages (their shared memory is counted once, system-wide, by :func:`_shmem`)."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+                total += sum(int(line.split()[1]) * 1024 for line in f
+                             if line.startswith(("Pss_Anon:", "Pss_File:")))
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration):
+        except OSError:
             continue
     return total
 
@@ -110,43 +116,70 @@ def _shmem() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Shmem:"))
 
 
-def peak_memory(root: Path, spec: DataSpec, cache: Path, student: str, batch: int, workers: int,
-                steps: int) -> dict:
-    args = [sys.executable, "-m", "rdkd.cli", "train-student", "--data", spec.path, "--cache", str(cache),
-            "--student", student, "--loss", "cliprd", "--steps", str(steps), "--batch-size", str(batch),
-            "--workers", str(workers), "--device", "cpu", "--no-progress", "--save-every", str(10**9),
-            "--out", str(root / "memory")]
+def watch(command: list[str]) -> dict:
+    """Run ``command``; the peak over time of (summed PSS of it and its descendants + the
+    growth of the machine's Shmem), sampled every 50 ms."""
     shm_before = _shmem()
-    child = subprocess.Popen(args)
+    child = subprocess.Popen(command)
     peak = {"pss": 0, "shm": 0, "sum": 0}
 
-    def watch() -> None:
+    def sample() -> None:
         while child.poll() is None:
             pss, shm = _tree_pss(child.pid), max(0, _shmem() - shm_before)
             peak.update(pss=max(peak["pss"], pss), shm=max(peak["shm"], shm), sum=max(peak["sum"], pss + shm))
             time.sleep(0.05)
 
-    watcher = threading.Thread(target=watch)
+    watcher = threading.Thread(target=sample)
     watcher.start()
     child.wait()
     watcher.join()
     if child.returncode:
-        raise SystemExit(f"train-student failed with exit code {child.returncode}")
+        raise SystemExit(f"{command[0]} failed with exit code {child.returncode}")
     gb = peak["sum"] / 1e9
-    return {"figure": f"peak PSS + shared memory, batch {batch}, {workers} workers", "value_gb": gb,
-            "peak_pss_gb": peak["pss"] / 1e9, "peak_shm_growth_gb": peak["shm"] / 1e9,
-            "target": "<= 8 GB", "met": gb <= 8}
+    return {"figure": "peak PSS + shared-memory growth", "value_gb": gb, "peak_pss_gb": peak["pss"] / 1e9,
+            "peak_shm_growth_gb": peak["shm"] / 1e9, "target": "<= 8 GB", "met": gb <= 8}
+
+
+FEED_ONLY = """
+import sys, torch
+from rdkd.data import DataSpec
+from rdkd.stages.train_student import TrainConfig, _loader, setup
+data, cache, student, out, batch, workers, batches = sys.argv[1:8]
+run = setup(TrainConfig(data=DataSpec(data), student=student, method="cliprd", cache=cache, steps=1,
+                        batch_size=int(batch), workers=int(workers), device="cpu", out=out))
+for i, b in enumerate(_loader(run, 0)):
+    if i + 1 == int(batches):
+        break
+"""
+
+
+def feed_memory(root: Path, spec: DataSpec, cache: Path, student: str, batch: int, workers: int,
+                batches: int) -> dict:
+    """The feed of train-student alone (its set-up and its DataLoader as the stage builds
+    them, ``batches`` batches drawn): on a GPU machine the model's activations live on the
+    device, so this is the host memory that grows with batch size and workers. (On this
+    CPU machine a real step of ViT-T-16 at batch 1024 would hold ~10 GB of activations in
+    host memory, which a GPU run does not.)"""
+    command = [sys.executable, "-c", FEED_ONLY, spec.path, str(cache), student, str(root / "feed"),
+               str(batch), str(workers), str(batches)]
+    result = watch(command)
+    result["figure"] = f"train-student feed: peak PSS + shared memory, batch {batch}, {workers} workers"
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if sys.argv[1:2] == ["watch"]:
+        command = sys.argv[3:] if sys.argv[2:3] == ["--"] else sys.argv[2:]
+        print(json.dumps(watch(command)))
+        return
     parser.add_argument("what", nargs="+", choices=["syncs", "bytes", "memory"])
     parser.add_argument("--student", default="ViT-T-16", help="student for bytes and memory (224 px)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2, help="memory run: optimizer steps")
+    parser.add_argument("--batches", type=int, default=40, help="memory run: batches drawn from the feed")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -159,7 +192,7 @@ def main() -> None:
             elif what == "bytes":
                 result = bytes_per_sample(root, spec, cache, args.student, 64, 4)
             else:
-                result = peak_memory(root, spec, cache, args.student, args.batch, args.workers, args.steps)
+                result = feed_memory(root, spec, cache, args.student, args.batch, args.workers, args.batches)
             print(json.dumps(result))
 
 

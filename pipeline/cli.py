@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and check a teacher-embedding cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+checkpoint_app = typer.Typer(help="Convert train-student checkpoints.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
 
 # How to read a dataset: the same options on every command that reads one (rdkd.data.DataSpec).
 DATA_FORMAT = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix).")
@@ -65,7 +67,7 @@ def extract_teacher_command(
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per teacher forward pass (per process)."),
     workers: int = typer.Option(4, "--workers", min=0, help="DataLoader processes that read, decode and preprocess (per process)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast (CUDA only)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast (fp16 on CUDA only)."),
     storage_dtype: str = typer.Option("float16", "--storage-dtype", help="Embedding dtype on disk: float16, bfloat16 or float32."),
     views: int = typer.Option(1, "--views", min=1, help="Views per image: view 0 is the teacher's eval view, the rest random-resized-crop + flip."),
     view_scale: str = typer.Option("0.08,1.0", "--view-scale", help="Area fraction range of the random views' crops."),
@@ -168,6 +170,21 @@ def train_student_command(
           f"skipped {sum(summary['skipped'].values())}); export: {summary['export']}")
 
 
+# --- checkpoint upgrade ----------------------------------------------------------------------
+
+
+@checkpoint_app.command("upgrade")
+def checkpoint_upgrade_command(
+    old: Path = typer.Argument(..., help="An rdkd-train-checkpoint/1 file (numpy RNG state) that you trust."),
+    new: Optional[Path] = typer.Argument(None, help="Where to write the converted checkpoint (default: replace OLD once the new one is written and checked)."),
+) -> None:
+    """Convert an old train-student checkpoint to the current format, which rdkd loads as data only."""
+    from rdkd.checkpoints import OLD_TRAIN_FORMAT, TRAIN_FORMAT, upgrade_train_checkpoint
+
+    written = upgrade_train_checkpoint(old, new)
+    typer.echo(f"{old} ({OLD_TRAIN_FORMAT}) -> {written} ({TRAIN_FORMAT})")
+
+
 # --- evaluate / report -----------------------------------------------------------------------
 
 
@@ -189,6 +206,7 @@ def evaluate_command(
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Encoding batch size."),
     workers: int = typer.Option(4, "--workers", min=0, help="DataLoader worker processes for image decoding."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:N."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast of the model's forward (fp16 on CUDA only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fidelity similarity sample."),
     fidelity_sample: int = typer.Option(2000, "--fidelity-sample", min=3, help="Items sampled for the Spearman fidelity correlations."),
     per_class: bool = typer.Option(False, "--per-class", help="Also write zero-shot per-class top-1 accuracy CSVs."),
@@ -198,6 +216,7 @@ def evaluate_command(
     run_seed: Optional[int] = typer.Option(None, "--run-seed", help="Training seed label for rdkd report (default: from run.json)."),
     name: Optional[str] = typer.Option(None, "--name", help="Output folder name under artifacts/eval/ (when --out is not given)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Metrics JSON path (default artifacts/eval/<name>/metrics.json)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Score a model or a cache: FAISS retrieval R@1/5/10, zero-shot accuracy, geometry fidelity."""
     from rdkd.models import parse_model_spec
@@ -213,8 +232,8 @@ def evaluate_command(
     results = evaluate(
         target, data=data_spec, model=spec, cache=cache, teacher_cache=teacher_cache, zeroshot=tasks,
         index_factory=index_factory, search_params=search_params, batch_size=batch_size, workers=workers,
-        device=None if device == "auto" else device, seed=seed, fidelity_sample=fidelity_sample,
-        per_class=per_class, ranks=ranks, run_info=run_info,
+        device=device, precision=precision, seed=seed, fidelity_sample=fidelity_sample,
+        per_class=per_class, ranks=ranks, run_info=run_info, progress=progress,
     )
     shown = {k: v for k, v in results.items() if k.endswith(("_r1", "/top1", "knn10_img", "cka_img"))}
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in shown.items()) + f" -> {target}")

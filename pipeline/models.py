@@ -18,6 +18,11 @@ A spec is one of:
 Model names that open_clip does not ship are looked up in rdkd's own ``model_configs/``
 (e.g. ``ViT-T-16``, the CLIP-KD ViT-T/16 student).
 
+Weights files are data, never code: a local checkpoint that open_clip would unpickle is
+first read here with ``torch.load(weights_only=True)`` (:func:`rdkd.checkpoints.ensure_loads_as_data`)
+and refused with one line if it needs more; inside open_clip's factory every ``torch.load``
+(of downloaded weights too) is forced to ``weights_only=True``.
+
 Offline: a spec whose weights or config are not in the local cache needs a download; when
 the Hub is unreachable or ``HF_HUB_OFFLINE=1`` is set, loading fails with one line that
 says so. Cached copies are used without touching the network.
@@ -43,6 +48,7 @@ from urllib.parse import urlparse
 import open_clip
 import torch
 
+from rdkd import checkpoints
 from rdkd.errors import UserError
 from rdkd.files import atomic_write
 
@@ -276,6 +282,8 @@ def _register_config(cfg: dict[str, Any], stem: str) -> str:
 
 def _build(spec: ModelSpec, device: str | torch.device) -> LoadedClip:
     resolved = _resolve(spec)
+    if resolved.weights_file:  # a local file rdkd hands to open_clip: data only
+        checkpoints.ensure_loads_as_data(resolved.weights_file)
     overrides = {
         "force_quick_gelu": resolved.force_quick_gelu,
         "image_mean": resolved.preprocess_overrides.get("mean"),
@@ -324,7 +332,7 @@ def _build(spec: ModelSpec, device: str | torch.device) -> LoadedClip:
 
 
 def _create(resolved: _Resolved, device, overrides):
-    with _quiet_open_clip():
+    with _quiet_open_clip(), checkpoints.weights_only_loads():
         model, train_pp, eval_pp = open_clip.create_model_and_transforms(
             resolved.name, pretrained=resolved.pretrained, device=device, **overrides)
         tokenizer = open_clip.get_tokenizer(resolved.name)

@@ -7,10 +7,9 @@
   ``uint8`` CHW tensors at the model's input size (:func:`uint8_transform` strips the
   to-float and normalise steps from an open_clip transform), a quarter of the bytes of
   float32; :class:`DeviceNormalize` turns them into the model's normalised float input on
-  the device, with the same arithmetic as torchvision's ``ToTensor`` + ``Normalize``
-  (``x / 255``, ``- mean``, ``/ std`` in float32), so the values are the ones the
-  host-side transform gives.
-- :func:`decode_or_reason`: one dataset item that either decodes and transforms or
+  the device, bitwise equal to torchvision's ``ToTensor`` + ``Normalize`` on the host on
+  any device (it looks each pixel up in the host transform's 3 x 256 table of values).
+- :func:`decode_or_reason`: one dataset item that either reads, decodes and transforms or
   carries the reason it was skipped, never raising for a bad sample.
 - :func:`device_batches`: a loader's batches on the device, copied from pinned memory
   on a side stream (CUDA) while the previous step runs; :func:`prefetch_factor` sizes the
@@ -24,15 +23,18 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms
 
 from rdkd.errors import SampleError, UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+T = TypeVar("T")
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -86,27 +88,46 @@ def normalize_of(transform: transforms.Compose) -> tuple[tuple[float, ...], tupl
 
 
 class DeviceNormalize:
-    """uint8 ``[N, 3, H, W]`` pixels -> the model's normalised float32 input, on the device.
-    The same float32 operations as ``ToTensor`` then ``Normalize`` on the host."""
+    """uint8 ``[N, C, H, W]`` pixels -> the model's normalised float32 input, on the device,
+    bitwise equal to ``ToTensor`` then ``Normalize`` on the host.
+
+    A uint8 channel takes 256 values, so the host transform is applied once to each level
+    (a ``C x 256`` table, computed by torchvision itself on the CPU) and the device only
+    looks pixels up. Arithmetic on the device would not do: CUDA divides by a scalar as a
+    multiplication by its reciprocal, and ``x * (1 / 255)`` rounds differently from
+    ``x / 255`` for 126 of the 256 levels.
+    """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        channels = len(mean)
+        levels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], channels, axis=2)  # a 1 x 256 image
+        image = Image.fromarray(levels if channels > 1 else levels[..., 0])
+        table = transforms.functional.normalize(transforms.functional.to_tensor(image), list(mean), list(std))
+        self.table = table.reshape(channels * 256).to(device)  # [channel * 256 + level]
+        self.offsets = (torch.arange(channels, dtype=torch.int32) * 256).view(1, channels, 1, 1).to(device)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.float().div_(255).sub_(self.mean).div_(self.std)
+        return self.table[pixels.int() + self.offsets]
 
 
-def decode_or_reason(read_bytes: Callable[[], bytes], transform: Callable[[Any], torch.Tensor]
-                     ) -> tuple[torch.Tensor | None, str | None]:
+def decode_or_reason(read_bytes: Callable[[], bytes], transform: Callable[[Image.Image], T]
+                     ) -> tuple[T | None, str | None]:
     """(transformed image, None), or (None, reason) for a sample that cannot be read or
-    decoded: what a DataLoader item returns so that a bad sample is skipped, not fatal."""
+    decoded: what a DataLoader item returns so that a bad sample is skipped, not fatal.
+    Errors of the transform itself are not samples' faults and propagate."""
     from rdkd.data import decode_image
 
     try:
-        return transform(decode_image(read_bytes())), None
+        data = read_bytes()
     except SampleError as err:
         return None, err.reason
+    except Exception as err:  # storage libraries raise their own types; one odd sample must not end a run
+        return None, f"unreadable image: {type(err).__name__}: {err}"
+    try:
+        image = decode_image(data)
+    except SampleError as err:
+        return None, err.reason
+    return transform(image), None
 
 
 def prefetch_factor(batch_bytes: int, workers: int, budget_bytes: int) -> int | None:

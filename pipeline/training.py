@@ -9,7 +9,8 @@
 - :class:`EpochBatchSampler` shards and shuffles deterministically per epoch (seed +
   epoch), and can start in the middle of an epoch, which is what makes resume exact.
 - the optimizer (open_clip's decay rule), the warm-up + cosine schedule, atomic checkpoint
-  files and the RNG state they carry, and the metrics log.
+  files and the RNG state they carry (tensors and plain data: checkpoints load with
+  ``weights_only=True``, see :mod:`rdkd.checkpoints`), and the metrics log.
 
 Every random choice a sample needs (view, caption, crop) derives from (seed, epoch,
 index), never from a worker's RNG state, so any number of DataLoader workers, processes
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
+from rdkd import checkpoints
 from rdkd.errors import Diverged, SampleError, UserError
 from rdkd.files import atomic_write
 from rdkd.runtime import uint8_transform
@@ -158,9 +160,14 @@ class PairBuilder:
 
     def collate(self, samples: Sequence[dict], skipped: list[tuple[str, str]]) -> dict:
         """A local batch (the format of the module docstring) with the teacher rows of
-        exactly its views and captions: one read per batch, in storage dtype."""
+        exactly its views and captions: one read per batch, in storage dtype. The images go
+        into one buffer, in shared memory inside a DataLoader worker (no copy on hand-over)."""
+        height, width = self.image_cfg.size
+        images = _batch_buffer((len(samples), 3, height, width), torch.uint8)
+        for i, sample in enumerate(samples):
+            images[i] = sample["image"]
         batch = {
-            "image": torch.stack([s["image"] for s in samples]),
+            "image": images,
             "text": torch.stack([s["text"] for s in samples]),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
             "image_row": torch.tensor([s["image_row"] for s in samples], dtype=torch.int64),
@@ -294,6 +301,17 @@ class PairDataset(torch.utils.data.Dataset):
         return self.builder.sample(epoch, index, self.data.captions(index), self.data.read_image_bytes(index), rows)
 
 
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor to fill sample by sample; in a DataLoader worker it is allocated in
+    shared memory, so handing the batch to the main process copies nothing (what torch's
+    default_collate does for the batches it stacks)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Local batches of ``(epoch, position)`` items: shuffled with seed + epoch and sharded
     over ``world`` ranks by torch's DistributedSampler, incomplete batches dropped (every
@@ -384,34 +402,35 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int,
 
 
 def rng_state() -> dict:
-    """Every RNG a training process touches (torch CPU and CUDA, numpy, Python)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """Every RNG a training process touches (torch CPU and CUDA, numpy, Python), as tensors
+    and plain data, so that a checkpoint holding it loads with ``weights_only=True``."""
+    state = {"torch": torch.get_rng_state(),
+             "numpy": checkpoints.numpy_rng_as_data(np.random.get_state()),
+             "python": checkpoints.python_rng_as_data(random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(checkpoints.numpy_rng_from_data(state["numpy"]))
+    random.setstate(checkpoints.python_rng_from_data(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` atomically (a reader never sees a partial checkpoint)."""
+    """Write ``state`` atomically (a reader never sees a partial checkpoint). ``state``
+    holds tensors and plain data only (:mod:`rdkd.checkpoints`)."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (it holds RNG states and numpy
-    arrays, hence ``weights_only=False``: only load checkpoints you trust)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+    """Read a checkpoint written by :func:`save_checkpoint`, as data only
+    (``weights_only=True``): a file that needs more is refused with one line."""
+    return checkpoints.load(path, "checkpoint")
 
 
 class TeacherForwardCounter:

@@ -4,8 +4,9 @@ What can be scored (exactly one):
 
 - a model: any open_clip spec (:class:`rdkd.models.ModelSpec`): a student export written by
   ``rdkd train-student`` (``local-dir:.../export`` or its folder), the teacher, or any
-  third-party open_clip model, encoded on the fly (batched, DataLoader workers, autocast on
-  CUDA);
+  third-party open_clip model, encoded on the fly (batched; DataLoader workers decode and
+  hand over uint8 pixels, normalised on the device; ``precision`` fp32, or bf16/fp16
+  autocast);
 - a teacher cache (``cache=``): its stored rows (view 0, the teacher's eval view) are scored
   as they are, with nothing recomputed: the images of ``data`` (whose fingerprint must match
   the cache's), or every image of the cache when no ``data`` is given.
@@ -24,7 +25,7 @@ Outputs (``out`` is the metrics file; default ``artifacts/eval/<name>/metrics.js
 - ``metrics.json``: one flat object of numbers (what ``dvc metrics`` reads);
 - ``evaluation.json`` beside it: what was scored and how (specs, fingerprints, index, seed,
   skipped samples with reasons, timings);
-- ``run.json`` beside it: ``{"method", "student", "seed"}``, the row labels of ``rdkd
+- ``labels.json`` beside it: ``{"method", "student", "seed"}``, the row labels of ``rdkd
   report``. Taken from the ``run.json`` that ``rdkd train-student`` writes next to its
   ``export/`` folder when the model is such an export, overridden by ``run_info``;
   otherwise method ``teacher`` for a cache and ``open_clip`` for other models, student the
@@ -53,12 +54,14 @@ import numpy as np
 import torch
 
 from rdkd import metrics as M
-from rdkd.data import IMAGE_EXTENSIONS, DataSpec, decode_image, open_dataset
+from rdkd import runtime
+from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_csv, atomic_write_json
 
 DEFAULT_ARTIFACTS = Path("artifacts")
-RUN_INFO = "run.json"
+RUN_INFO = "run.json"  # what rdkd train-student writes beside its export/ folder
+LABELS = "labels.json"  # the row labels this stage writes beside metrics.json
 EVALUATION_INFO = "evaluation.json"
 _WNID = re.compile(r"^n\d{8}$")
 
@@ -249,21 +252,20 @@ class _ImageFiles:
             raise SampleError(f"image file unreadable: {err.strerror or err}") from None
 
 
-class _Preprocessed(torch.utils.data.Dataset):
-    """Decoded, preprocessed images for DataLoader workers; bad samples come back as reasons."""
+class _DecodedImages(torch.utils.data.Dataset):
+    """Entry i -> (i, uint8 pixels at the model's input size, None) or (i, None, reason),
+    in DataLoader workers."""
 
-    def __init__(self, source: Any, preprocess: Callable):
+    def __init__(self, source: Any, to_pixels: Callable):
         self.source = source
-        self.preprocess = preprocess
+        self.to_pixels = to_pixels
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return i, self.preprocess(decode_image(self.source.read_image_bytes(i))), None
-        except SampleError as err:
-            return i, None, err.reason
+        pixels, reason = runtime.decode_or_reason(partial(self.source.read_image_bytes, i), self.to_pixels)
+        return i, pixels, reason
 
 
 def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
@@ -272,56 +274,51 @@ def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[in
     return [i for i, _ in good], (torch.stack([x for _, x in good]) if good else None), bad
 
 
-def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+class _Encoder:
+    """A loaded model on its device: images and texts to L2-normalised float32 embeddings,
+    batched, under the run's precision, with a progress bar per pass. Embeddings stay on the
+    device until a pass ends (no wait on the device per batch)."""
 
+    def __init__(self, loaded, device: torch.device, precision: str, batch_size: int, workers: int,
+                 show_progress: bool):
+        self.loaded, self.device, self.precision = loaded, device, precision
+        self.batch_size, self.workers, self.show_progress = batch_size, workers, show_progress
+        self.to_pixels = runtime.uint8_transform(loaded.preprocess)
+        self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
 
-@contextlib.contextmanager
-def _progress() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """A rich progress display; yields ``task(description, total) -> advance(n)``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        """No gradients, autocast of the precision."""
+        with torch.no_grad(), runtime.autocast(self.device, self.precision):
+            yield
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=False) as progress:
-        def task(description: str, total: int) -> Callable[[int], None]:
-            task_id = progress.add_task(description, total=total)
-            return lambda n: progress.advance(task_id, n)
+    def images(self, source: Any, description: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        """(embeddings of the readable images, their entry indices, (entry, reason) of the others)."""
+        loader = torch.utils.data.DataLoader(
+            _DecodedImages(source, self.to_pixels), batch_size=self.batch_size, num_workers=self.workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+        )
+        chunks, kept, bad = [], [], []
+        with runtime.progress(self.show_progress, description, len(source)) as advance, self.compute():
+            for indices, pixels, rejects in loader:
+                if pixels is not None:
+                    pixels = self.normalize(pixels.to(self.device, non_blocking=True))
+                    chunks.append(self.loaded.model.encode_image(pixels, normalize=True).float())
+                    kept.extend(indices)
+                bad.extend(rejects)
+                advance(len(indices) + len(rejects))
+        embeddings = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, self.loaded.embed_dim), np.float32)
+        return embeddings, np.asarray(kept, np.int64), bad
 
-        yield task
-
-
-def _encode_images(model, preprocess, source, batch_size: int, workers: int, device: torch.device,
-                   advance: Callable[[int], None]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """(embeddings of the readable images, their entry indices, (entry, reason) of the others)."""
-    loader = torch.utils.data.DataLoader(
-        _Preprocessed(source, preprocess), batch_size=batch_size, num_workers=workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
-    )
-    chunks, kept, bad = [], [], []
-    with torch.no_grad(), _autocast(device):
-        for indices, pixels, rejects in loader:
-            if pixels is not None:
-                features = model.encode_image(pixels.to(device, non_blocking=True), normalize=True)
-                chunks.append(features.float().cpu().numpy())
-                kept.extend(indices)
-            bad.extend(rejects)
-            advance(len(indices) + len(rejects))
-    dim = chunks[0].shape[1] if chunks else 0
-    return (np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)), np.asarray(kept, np.int64), bad
-
-
-def _encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, device: torch.device,
-                  advance: Callable[[int], None]) -> np.ndarray:
-    chunks = []
-    with torch.no_grad(), _autocast(device):
-        for start in range(0, len(texts), batch_size):
-            batch = list(texts[start : start + batch_size])
-            chunks.append(model.encode_text(tokenizer(batch).to(device), normalize=True).float().cpu().numpy())
-            advance(len(batch))
-    return np.concatenate(chunks)
+    def texts(self, texts: Sequence[str], description: str) -> np.ndarray:
+        chunks = []
+        with runtime.progress(self.show_progress, description, len(texts)) as advance, self.compute():
+            for start in range(0, len(texts), self.batch_size):
+                batch = list(texts[start : start + self.batch_size])
+                tokens = self.loaded.tokenizer(batch).to(self.device, non_blocking=True)
+                chunks.append(self.loaded.model.encode_text(tokens, normalize=True).float())
+                advance(len(batch))
+        return torch.cat(chunks).cpu().numpy()
 
 
 # --- the eval set ---------------------------------------------------------------------------
@@ -448,12 +445,15 @@ def evaluate(
     per_class: bool = False,
     ranks: bool = True,
     run_info: dict[str, Any] | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
 ) -> dict[str, float]:
     """Score ``model`` (a :class:`rdkd.models.ModelSpec`) or ``cache``; return and write the metrics.
 
     See the module docstring for what is measured and written. ``out`` defaults to
     ``artifacts/eval/<name>/metrics.json``. ``ranks=False`` skips mean/median rank, whose
     exact count scans the gallery again for every query whose match is not in its top K.
+    ``precision``: fp32, or bf16/fp16 autocast of the model's forward (fp16 needs CUDA).
     """
     started = time.time()
     if (model is None) == (cache is None):
@@ -467,7 +467,8 @@ def evaluate(
     if any(k < 1 for k in ks):
         raise UserError("recall cut-offs K must be positive")
     out = Path(out) if out is not None else default_output(model, cache, run_info=run_info)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = runtime.resolve_device(device)
+    runtime.check_precision(precision, dev)
     faiss_gpu = dev.type == "cuda" and faiss.get_num_gpus() > 0
 
     # Everything that can be wrong with the input is checked before any encoding.
@@ -477,11 +478,12 @@ def evaluate(
     zero_shot_sets = [_open_zero_shot(task) for task in zeroshot]
     if len({t.name for t in zeroshot}) != len(zeroshot):
         raise UserError("zero-shot task names must be distinct")
-    loaded = None
+    loaded = encoder = None
     if model is not None:
         from rdkd.models import load_clip
 
         loaded = load_clip(model, device=dev)
+        encoder = _Encoder(loaded, dev, precision, batch_size, workers, progress)
     dim = loaded.embed_dim if loaded is not None else scored_cache.dim
     if index_factory:
         M.check_index_factory(index_factory, dim)
@@ -496,78 +498,75 @@ def evaluate(
         "teacher_cache": str(teacher_cache) if teacher_cache is not None else None,
         "teacher_cache_id": teacher.cache_id if teacher is not None else None,
         "index_factory": index_factory or "Flat", "search_params": search_params,
-        "device": str(dev), "faiss_gpu": faiss_gpu, "seed": seed, "ks": list(ks),
+        "device": str(dev), "precision": precision, "faiss_gpu": faiss_gpu, "seed": seed, "ks": list(ks),
     }
     per_class_tables: dict[str, list[tuple[str, float]]] = {}
-    with _progress() as progress:
-        if dataset is not None or scored_cache is not None:
-            if scored_cache is not None:  # without a dataset: every image of the cache
-                scored = _from_cache(scored_cache, dataset.keys if dataset is not None else None)
-            else:
-                scored = _encode_eval_set(loaded, dataset, batch_size, workers, dev, progress)
-            info["skipped"] = scored.skipped
+    if dataset is not None or scored_cache is not None:
+        if scored_cache is not None:  # without a dataset: every image of the cache
+            scored = _from_cache(scored_cache, dataset.keys if dataset is not None else None)
+        else:
+            scored = _encode_eval_set(encoder, dataset)
+        info["skipped"] = scored.skipped
+        queries = len(np.unique(scored.text_image)) + len(scored.texts)
+        with runtime.progress(progress, "retrieval", queries) as advance:
             retrieval = M.retrieval_metrics(
                 scored.images, scored.texts, scored.text_image, ks=ks, index_factory=index_factory,
-                use_gpu=faiss_gpu, search_params=search_params, with_ranks=ranks, device=dev,
-                progress=progress("retrieval", len(np.unique(scored.text_image)) + len(scored.texts)),
+                use_gpu=faiss_gpu, search_params=search_params, with_ranks=ranks, device=dev, progress=advance,
             )
-            results.update({f"retrieval/{k}": v for k, v in retrieval.items()})
-            results["retrieval/images"] = float(len(scored.images))
-            results["retrieval/captions"] = float(len(scored.texts))
-            results["retrieval/skipped"] = float(len(scored.skipped))
-            if teacher is not None:
-                reference = _from_cache(teacher, scored.keys)
-                rows = {key: r for r, key in enumerate(scored.keys)}
-                student = scored.subset(np.asarray([rows[k] for k in reference.keys], np.int64))
-                if not np.array_equal(student.text_image, reference.text_image):
-                    raise UserError(f"teacher cache {teacher_cache} holds other captions than the eval set")
-                fidelity = M.fidelity_metrics(student.images, student.texts, reference.images, reference.texts,
-                                              reference.text_image, k=fidelity_k, sample_size=fidelity_sample,
-                                              seed=seed, use_gpu=faiss_gpu)
-                results.update({f"fidelity/{k}": v for k, v in fidelity.items()})
-                results["fidelity/images"] = float(len(reference.keys))
-        for zs in zero_shot_sets:
-            zs_metrics, per_class_acc = _zero_shot(loaded, zs, batch_size, workers, dev, progress)
-            results.update({f"zeroshot/{zs.task.name}/{k}": v for k, v in zs_metrics.items()})
-            per_class_tables[zs.task.name] = list(zip(zs.classnames, per_class_acc.tolist()))
+        results.update({f"retrieval/{k}": v for k, v in retrieval.items()})
+        results["retrieval/images"] = float(len(scored.images))
+        results["retrieval/captions"] = float(len(scored.texts))
+        results["retrieval/skipped"] = float(len(scored.skipped))
+        if teacher is not None:
+            reference = _from_cache(teacher, scored.keys)
+            rows = {key: r for r, key in enumerate(scored.keys)}
+            student = scored.subset(np.asarray([rows[k] for k in reference.keys], np.int64))
+            if not np.array_equal(student.text_image, reference.text_image):
+                raise UserError(f"teacher cache {teacher_cache} holds other captions than the eval set")
+            fidelity = M.fidelity_metrics(student.images, student.texts, reference.images, reference.texts,
+                                          reference.text_image, k=fidelity_k, sample_size=fidelity_sample,
+                                          seed=seed, use_gpu=faiss_gpu)
+            results.update({f"fidelity/{k}": v for k, v in fidelity.items()})
+            results["fidelity/images"] = float(len(reference.keys))
+    for zs in zero_shot_sets:
+        zs_metrics, per_class_acc = _zero_shot(encoder, zs)
+        results.update({f"zeroshot/{zs.task.name}/{k}": v for k, v in zs_metrics.items()})
+        per_class_tables[zs.task.name] = list(zip(zs.classnames, per_class_acc.tolist()))
     info["wall_seconds"] = round(time.time() - started, 3)
 
     run = _run_labels(model, scored_cache, run_info)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
     atomic_write_json(out.parent / EVALUATION_INFO, info)
-    atomic_write_json(out.parent / RUN_INFO, run)
+    atomic_write_json(out.parent / LABELS, run)
     if per_class:
         for name, rows in per_class_tables.items():
             atomic_write_csv(out.parent / f"zeroshot_{name}_per_class.csv", ["class", "top1"], rows)
     return results
 
 
-def _encode_eval_set(loaded, dataset, batch_size: int, workers: int, device: torch.device, progress) -> EvalEmbeddings:
-    images, kept, bad = _encode_images(loaded.model, loaded.preprocess, dataset, batch_size, workers, device,
-                                       progress("encoding images", len(dataset)))
+def _encode_eval_set(encoder: _Encoder, dataset) -> EvalEmbeddings:
+    images, kept, bad = encoder.images(dataset, "encoding images")
     order = np.argsort(kept)  # DataLoader keeps order; sort anyway so rows follow the dataset
     images, kept = images[order], kept[order]
     captions = [list(dataset.captions(int(i))) for i in kept]
     texts = [c for cs in captions for c in cs]
-    text_embeddings = _encode_texts(loaded.model, loaded.tokenizer, texts, batch_size, device,
-                                    progress("encoding captions", len(texts)))
+    text_embeddings = encoder.texts(texts, "encoding captions")
     skipped = [{"key": dataset.keys[i], "source": dataset.source(i), "reason": reason} for i, reason in bad]
     skipped += [{"key": r.key, "source": r.source, "reason": r.reason} for r in dataset.index_rejects]
     return EvalEmbeddings([dataset.keys[int(i)] for i in kept], images, text_embeddings,
                           np.repeat(np.arange(len(kept)), [len(c) for c in captions]), skipped)
 
 
-def _zero_shot(loaded, zs: _ZeroShotSet, batch_size: int, workers: int, device: torch.device,
-               progress) -> tuple[dict[str, float], np.ndarray]:
+def _zero_shot(encoder: _Encoder, zs: _ZeroShotSet) -> tuple[dict[str, float], np.ndarray]:
     import open_clip
 
-    with torch.no_grad(), _autocast(device):
+    loaded = encoder.loaded
+    with encoder.compute():
         classifier = open_clip.build_zero_shot_classifier(
-            loaded.model, loaded.tokenizer, zs.classnames, zs.templates, device=device,
+            loaded.model, loaded.tokenizer, zs.classnames, zs.templates, device=encoder.device,
         )  # [dim, classes]: per class the mean of normalised template embeddings, re-normalised
-    images, kept, bad = _encode_images(loaded.model, loaded.preprocess, zs.images, batch_size, workers, device,
-                                       progress(f"zero-shot {zs.task.name}", len(zs.images)))
+    images, kept, bad = encoder.images(zs.images, f"zero-shot {zs.task.name}")
     if len(kept) == 0:
         raise UserError(f"zero-shot set {zs.task.name}: no readable image")
     result, per_class = M.zero_shot_metrics(images, classifier.float().T.cpu(), zs.labels[kept])

@@ -4,15 +4,41 @@ Output folder (default ``artifacts/cache/<teacher>_<dataset>``), laid out as
 ``cache/FORMAT.md`` describes: ``images/`` and ``texts/`` Arrow shards, ``parts/`` shard
 records, ``index.arrow``, ``rejects.parquet`` and, written last, ``manifest.json``.
 
-How the work flows: the dataset is cut into fixed shards (webdataset: one per data shard;
-otherwise ``rows_per_shard`` entries each). DataLoader workers read, decode and preprocess
-images (all K views) and tokenise captions; the main process runs the teacher in batches
-under ``torch.inference_mode`` (autocast on CUDA for bf16/fp16), L2-normalises, casts to the
-storage dtype and writes each shard atomically when its last batch is done. Batches never
-cross a shard boundary, so every shard sees the same batches whatever the number of
-processes or restarts: the cache is byte-identical for 1 or N processes and for a resumed
-run. Under torchrun rank r does the shards j with j % world == r; rank 0 writes the index,
-rejects and manifest after a barrier.
+How the work flows (the file reads in this order):
+
+1. :class:`ExtractConfig`: the options, filled by :func:`extract_teacher`'s keyword
+   arguments (the CLI's). Those that shape the cache (precision, storage dtype, views, rows
+   per shard) are recorded in the manifest and its cache id.
+2. The dataset is cut into fixed shards (webdataset: one per data shard; otherwise
+   ``rows_per_shard`` entries each). Batches never cross a shard boundary, so every shard
+   sees the same batches whatever the number of processes or restarts: the cache is
+   byte-identical for 1 or N processes and for a resumed run. Under torchrun rank r does the
+   shards j with j % world == r; rank 0 writes the index, rejects and manifest after a barrier.
+3. DataLoader workers (:class:`TeacherInputs`) read and decode the images, render all K
+   views at the teacher's input size and hand them over as ``uint8`` (a quarter of the
+   bytes of float32), with the captions tokenised.
+4. The main process (:class:`TeacherForward`) copies a batch from pinned memory to the
+   device without waiting, normalises it there (:class:`rdkd.runtime.DeviceNormalize`:
+   bitwise the values of the teacher's host transform), runs the teacher under
+   ``torch.inference_mode`` (autocast for bf16/fp16), L2-normalises, and starts the copy of
+   the embeddings back. The one wait on the device per batch is for that copy, and it comes
+   one batch late: batch i is stored while the device runs batch i+1.
+5. :class:`ShardAssembler` gathers each batch's rows into its shard (cast to the storage
+   dtype) and writes the shard atomically as soon as its last entry is in.
+
+Rates, per process (:class:`ExtractSummary`, the printed line):
+
+- whole run: images through the teacher / ``seconds``, the time of shards, index and
+  manifest (setup, i.e. dataset indexing and model loading, excluded);
+- steady state, the pipeline fill excluded: with N batches and K = max(1, workers) fill
+  batches (each worker's first batch carries its start-up; the first batches also carry the
+  device's warm-up), the images of batches K+1..N divided by the wall time from the moment
+  batch K's embeddings were on the host to the moment batch N's were (the end of the
+  forward work; the last shard write, the index and the manifest come after it). "On the
+  host": on CUDA when the wait for the batch's copy back returns; on a CPU device, where the
+  forward runs synchronously, when it returns. None when N <= K. Batches the workers had ready when the window opens (at most workers x prefetch)
+  count in it, so on a loader-bound run this over-states the loader's rate by at most that
+  many batches over N - K.
 """
 
 from __future__ import annotations
@@ -27,37 +53,83 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 import rdkd
-from rdkd import distributed
+from rdkd import distributed, runtime
 from rdkd.cache import format as fmt
 from rdkd.cache import writer
 from rdkd.cache.views import ViewConfig, eval_view_box, random_view, render_view, view_rng
-from rdkd.data import DataSpec, Dataset, decode_image, open_dataset
-from rdkd.errors import SampleError, UserError
+from rdkd.data import DataSpec, Dataset, open_dataset
+from rdkd.errors import UserError
 from rdkd.models import LoadedClip, ModelSpec, load_clip
 
 DEFAULT_ARTIFACTS = Path("artifacts")
-PRECISIONS = ("fp32", "bf16", "fp16")
-_AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Finished batches the DataLoader may hold, all workers together (uint8 pixels).
+PREFETCH_BUDGET_BYTES = 2 << 30
 # Names the extraction writes into its output folder; --overwrite removes only these.
 _CACHE_ENTRIES = (fmt.MANIFEST, fmt.INDEX, fmt.REJECTS, fmt.IMAGES_DIR, fmt.TEXTS_DIR, fmt.PARTS_DIR)
 
 console = Console(stderr=True)
 
 
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How one extraction runs. ``precision``, ``storage_dtype``, ``views`` and
+    ``rows_per_shard`` shape the cache and are recorded in its manifest; the others say how
+    the work is done (the same cache comes out for any batch size, workers or device count)."""
+
+    batch_size: int = 256  # images per teacher forward, per process
+    workers: int = 4  # DataLoader processes that read, decode and render views, per process
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is present, else cpu
+    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast
+    storage_dtype: str = "float16"  # embedding dtype on disk
+    views: ViewConfig = ViewConfig()
+    rows_per_shard: int = 10_000  # CSV/Parquet; webdataset follows its data shards
+    resume: bool = True  # keep and skip shards an interrupted run finished
+    overwrite: bool = False  # replace a cache of another teacher, preprocessing or dataset
+    max_reject_fraction: float = 0.05
+    progress: bool = True
+
+    def check(self) -> None:
+        """One-line :class:`UserError` for an option out of range (the device's checks come
+        with the device)."""
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.workers < 0:
+            raise UserError("--workers must be 0 or more")
+        if self.precision not in runtime.PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; expected one of {', '.join(runtime.PRECISIONS)}")
+        if self.storage_dtype not in fmt.STORAGE_DTYPES:
+            raise UserError(f"unknown storage dtype {self.storage_dtype!r}; "
+                            f"expected one of {', '.join(fmt.STORAGE_DTYPES)}")
+        if self.views.count < 1:
+            raise UserError("--views must be at least 1")
+        if not 0 < self.views.scale[0] <= self.views.scale[1] <= 1:
+            raise UserError("--view-scale must be two numbers 0 < min <= max <= 1")
+        if self.rows_per_shard < 1:
+            raise UserError("--rows-per-shard must be at least 1")
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise UserError("--max-reject-fraction must be between 0 and 1")
+
+    @property
+    def fill_batches(self) -> int:
+        """K of the steady-state rate (module docstring): one batch per worker."""
+        return max(1, self.workers)
+
+
 @dataclass
 class ExtractSummary:
-    """What one call of :func:`extract_teacher` produced."""
+    """What one call of :func:`extract_teacher` produced. Rates are this process's; the
+    module docstring defines them."""
 
     output: Path
     manifest: dict
@@ -66,31 +138,41 @@ class ExtractSummary:
     rejects: int
     shards_done: int  # shards this call computed (0 when the cache was already complete)
     seconds: float  # extracting and writing shards, index and manifest (setup excluded)
-    images_per_second: float  # images through the teacher by this process / seconds
+    images_per_second: float  # whole run: images through the teacher by this process / seconds
+    steady_images_per_second: float | None = None  # pipeline fill excluded; None for runs of <= K batches
 
 
-# --- inputs: one torch Dataset over the rdkd dataset ----------------------------------------
+# --- inputs: what the DataLoader workers hand over -------------------------------------------
 
 
 @dataclass
 class _Item:
+    """One entry: its K views and tokens, or the reason it was rejected."""
+
     index: int
-    pixels: torch.Tensor | None = None  # [K, 3, H, W]
+    key: str
+    pixels: torch.Tensor | None = None  # uint8 [K, 3, H, W]
     crops: np.ndarray | None = None  # [K, 4]
     flips: np.ndarray | None = None  # [K]
-    tokens: torch.Tensor | None = None  # [n_captions, context_length]
-    reason: str | None = None
+    captions: list[str] = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # [len(captions), context_length]
+    reject: dict | None = None  # {"key", "source", "reason"}
 
 
 @dataclass
 class _Batch:
-    indices: list[int]  # entries that decoded, in order
-    pixels: torch.Tensor  # [len(indices) * K, 3, H, W]
-    crops: np.ndarray
-    flips: np.ndarray
-    tokens: torch.Tensor  # [sum(caption counts), context_length]
+    """Consecutive entries of one shard: the rows of those that decoded, and the rejects."""
+
+    first: int  # the first entry (decoded or not): which shard the batch belongs to
+    entries: int  # entries covered, decoded + rejected
+    keys: list[str]  # entries that decoded, in order
+    pixels: torch.Tensor  # uint8 [len(keys) * K, 3, H, W]
+    crops: np.ndarray  # [len(keys) * K, 4]
+    flips: np.ndarray  # [len(keys) * K]
+    captions: list[str]  # all captions of those entries, in order
     caption_counts: list[int]
-    rejects: list[tuple[int, str]] = field(default_factory=list)  # (entry, reason)
+    tokens: torch.Tensor  # [len(captions), context_length]
+    rejects: list[dict]
 
     def pin_memory(self) -> "_Batch":
         self.pixels = self.pixels.pin_memory()
@@ -99,20 +181,21 @@ class _Batch:
 
 
 class TeacherInputs(torch.utils.data.Dataset):
-    """Entry i -> the teacher's inputs for image i (K views) and its captions, or a reject reason.
+    """Entry i -> the teacher's inputs for image i (K views, uint8) and its captions, or a
+    reject reason. Runs in DataLoader workers: reading, decoding, rendering views and
+    tokenising happen there, off the main process that feeds the teacher.
 
-    Runs in DataLoader workers: reading, decoding, preprocessing and tokenising happen there,
-    off the main process that feeds the teacher.
+    View 0 is the teacher's own eval transform stopped before its float conversion
+    (:func:`rdkd.runtime.uint8_transform`); views 1..K-1 are rendered from their recorded
+    crop box and flip (:func:`rdkd.cache.views.render_view`), the pixels a student replays.
     """
 
     def __init__(self, dataset: Dataset, loaded: LoadedClip, views: ViewConfig):
         self.dataset = dataset
-        self.preprocess = loaded.preprocess
+        self.eval_view = runtime.uint8_transform(loaded.preprocess)
         self.tokenizer = loaded.tokenizer
-        cfg = loaded.preprocess_cfg
-        self.size = cfg["size"]
-        self.resize_mode = cfg.get("resize_mode", "shortest")
-        self.mean, self.std = list(cfg["mean"]), list(cfg["std"])
+        self.size = loaded.preprocess_cfg["size"]
+        self.resize_mode = loaded.preprocess_cfg.get("resize_mode", "shortest")
         self.views = views
 
     def __len__(self) -> int:
@@ -120,39 +203,40 @@ class TeacherInputs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> _Item:
         key = self.dataset.keys[i]
-        try:
-            image = decode_image(self.dataset.read_image_bytes(i))
-        except SampleError as err:
-            return _Item(i, reason=err.reason)
-        except Exception as err:  # one odd file must not end a run over millions; it is recorded
-            return _Item(i, reason=f"unreadable image: {type(err).__name__}: {err}")
-        pixels = [self.preprocess(image)]
+        rendered, reason = runtime.decode_or_reason(partial(self.dataset.read_image_bytes, i),
+                                                    partial(self.render, key))
+        if reason is not None:
+            return _Item(i, key, reject={"key": key, "source": self.dataset.source(i), "reason": reason})
+        pixels, crops, flips = rendered
+        captions = list(self.dataset.captions(i))
+        return _Item(i, key, pixels, crops, flips, captions, self.tokenizer(captions))
+
+    def render(self, key: str, image: Image.Image) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The K views of one image: uint8 pixels [K, 3, H, W], crop boxes [K, 4], flips [K]."""
+        pixels = [self.eval_view(image)]
         crops = [eval_view_box(image.width, image.height, self.size, self.resize_mode)]
         flips = [False]
         for view in range(1, self.views.count):
             box, flip = random_view(image.width, image.height, view_rng(key, view, self.views.seed), self.views)
-            rendered = render_view(image, box, flip, self.size, self.views.interpolation)
-            pixels.append(TF.normalize(TF.to_tensor(rendered), self.mean, self.std))
+            pixels.append(TF.pil_to_tensor(render_view(image, box, flip, self.size, self.views.interpolation)))
             crops.append(box)
             flips.append(flip)
-        tokens = self.tokenizer(list(self.dataset.captions(i)))
-        return _Item(i, torch.stack(pixels), np.array(crops, dtype=np.float32), np.array(flips, dtype=bool), tokens)
+        return torch.stack(pixels), np.array(crops, dtype=np.float32), np.array(flips, dtype=bool)
 
 
 def _collate(items: Sequence[_Item]) -> _Batch:
-    good = [it for it in items if it.reason is None]
-    rejects = [(it.index, it.reason) for it in items if it.reason is not None]
-    if not good:
-        return _Batch([], torch.zeros(0), np.zeros((0, 4), np.float32), np.zeros(0, bool), torch.zeros(0, dtype=torch.long),
-                      [], rejects)
+    good = [it for it in items if it.reject is None]
     return _Batch(
-        indices=[it.index for it in good],
-        pixels=torch.cat([it.pixels for it in good]),
-        crops=np.concatenate([it.crops for it in good]),
-        flips=np.concatenate([it.flips for it in good]),
-        tokens=torch.cat([it.tokens for it in good]),
-        caption_counts=[len(it.tokens) for it in good],
-        rejects=rejects,
+        first=items[0].index,
+        entries=len(items),
+        keys=[it.key for it in good],
+        pixels=torch.cat([it.pixels for it in good]) if good else torch.zeros(0, dtype=torch.uint8),
+        crops=np.concatenate([it.crops for it in good]) if good else np.zeros((0, 4), np.float32),
+        flips=np.concatenate([it.flips for it in good]) if good else np.zeros(0, bool),
+        captions=[c for it in good for c in it.captions],
+        caption_counts=[len(it.captions) for it in good],
+        tokens=torch.cat([it.tokens for it in good]) if good else torch.zeros(0, dtype=torch.long),
+        rejects=[it.reject for it in items if it.reject is not None],
     )
 
 
@@ -171,15 +255,88 @@ class _ShardBatches:
         return sum(math.ceil(len(r) / self.batch_size) for r in self.ranges)
 
 
-# --- one shard's results ---------------------------------------------------------------------
+# --- the teacher on the device ---------------------------------------------------------------
 
 
-class _ShardBuffer:
-    """Rows of one shard collected batch by batch, then written as one unit."""
+@dataclass(frozen=True)
+class Embedded:
+    """A batch with its embeddings on the host."""
+
+    batch: _Batch
+    image_emb: np.ndarray | None  # [len(keys) * K, dim] float32, L2-normalised; None for a batch of rejects
+    text_emb: np.ndarray | None  # [len(captions), dim]
+    ready_at: float  # time.perf_counter() when the embeddings were on the host
+
+
+@dataclass
+class _InFlight:
+    """A batch whose embeddings are on their way to the host."""
+
+    batch: _Batch
+    image_emb: torch.Tensor | None  # host tensors, filled once `done` has passed
+    text_emb: torch.Tensor | None
+    done: torch.cuda.Event | None  # CUDA: recorded after the copies back were queued
+    ready_at: float | None  # elsewhere the forward ran synchronously: ready when it returned
+
+    def wait(self) -> Embedded:
+        """The embeddings on the host; waits for the device (the one wait per batch)."""
+        if self.done is not None:
+            self.done.synchronize()
+        ready_at = self.ready_at if self.ready_at is not None else time.perf_counter()
+        if self.image_emb is None:
+            return Embedded(self.batch, None, None, ready_at)
+        return Embedded(self.batch, self.image_emb.numpy(), self.text_emb.numpy(), ready_at)
+
+
+class TeacherForward:
+    """The teacher on the device: uint8 pixels and token ids in, L2-normalised float32
+    embeddings back on the host, without the host waiting for the device."""
+
+    def __init__(self, loaded: LoadedClip, device: torch.device, precision: str):
+        self.model = loaded.model
+        self.device, self.precision = device, precision
+        self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
+
+    def start(self, batch: _Batch) -> _InFlight:
+        """Queue the batch's forward and the copies back; on CUDA return at once."""
+        if not batch.keys:
+            return _InFlight(batch, None, None, None, time.perf_counter())
+        with torch.inference_mode(), runtime.autocast(self.device, self.precision):
+            pixels = self.normalize(batch.pixels.to(self.device, non_blocking=True))
+            image_emb = self.model.encode_image(pixels)
+            text_emb = self.model.encode_text(batch.tokens.to(self.device, non_blocking=True))
+            image_emb = F.normalize(image_emb.float(), dim=-1).to("cpu", non_blocking=True)
+            text_emb = F.normalize(text_emb.float(), dim=-1).to("cpu", non_blocking=True)
+        if self.device.type != "cuda":
+            return _InFlight(batch, image_emb, text_emb, None, time.perf_counter())
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(batch, image_emb, text_emb, done, None)
+
+
+def teacher_outputs(batches: Iterator[_Batch], forward: TeacherForward) -> Iterator[Embedded]:
+    """Each batch with its embeddings on the host, one batch late: batch i+1 is queued on
+    the device before batch i's embeddings are waited for, so the device keeps working while
+    the caller stores batch i."""
+    in_flight = None
+    for batch in batches:
+        queued = forward.start(batch)
+        if in_flight is not None:
+            yield in_flight.wait()
+        in_flight = queued
+    if in_flight is not None:
+        yield in_flight.wait()
+
+
+# --- the shards' rows ------------------------------------------------------------------------
+
+
+class _ShardRows:
+    """Rows of one shard, batch by batch, until the shard is written as one unit."""
 
     def __init__(self, shard: int, entries: range):
         self.shard, self.entries = shard, entries
-        self.seen = 0
+        self.seen = 0  # entries added, decoded or rejected
         self.image_keys: list[str] = []
         self.views: list[np.ndarray] = []
         self.crops: list[np.ndarray] = []
@@ -215,6 +372,83 @@ class _ShardBuffer:
         return writer.write_shard(root, self.shard, self.entries, cache_id, images, texts, self.rejects)
 
 
+class ShardAssembler:
+    """Gathers finished batches into their shards and writes each shard (atomically, with
+    its commit record) as soon as its last entry is in."""
+
+    def __init__(self, root: Path, cache_id: str, dim: int, storage_dtype: str, views: int):
+        self.root, self.cache_id, self.dim, self.storage_dtype, self.views = root, cache_id, dim, storage_dtype, views
+        self.open: dict[int, _ShardRows] = {}
+        self._starts = np.zeros(0, np.int64)  # first entry of each shard opened, in shard order
+        self._shards: list[int] = []
+        self.images = 0  # entries decoded and embedded so far
+        self.rejects = 0  # entries rejected so far
+
+    def begin(self, shards: dict[int, range]) -> list[range]:
+        """Open ``shards`` (shard -> entries, in shard order). Shards without entries (a data
+        shard whose members were all broken) are written at once; returns the entry ranges
+        left to extract."""
+        live = {j: entries for j, entries in shards.items() if len(entries) > 0}
+        for j, entries in shards.items():
+            if j not in live:
+                _ShardRows(j, entries).write(self.root, self.cache_id, self.dim, self.storage_dtype)
+        self.open = {j: _ShardRows(j, entries) for j, entries in live.items()}
+        self._shards = list(live)
+        self._starts = np.array([entries.start for entries in live.values()], dtype=np.int64)
+        return list(live.values())
+
+    def add(self, done: Embedded) -> int | None:
+        """Store a batch's rows in its shard; return the shard when this completed and wrote it."""
+        batch, image_emb, text_emb = done.batch, done.image_emb, done.text_emb
+        shard = self._shards[int(np.searchsorted(self._starts, batch.first, side="right")) - 1]
+        rows = self.open[shard]
+        rows.rejects.extend(batch.rejects)
+        if batch.keys:
+            k = self.views
+            rows.image_keys.extend(key for key in batch.keys for _ in range(k))
+            rows.views.append(np.tile(np.arange(k, dtype=np.int16), len(batch.keys)))
+            rows.crops.append(batch.crops)
+            rows.flips.append(batch.flips)
+            rows.image_emb.append(fmt.to_storage(image_emb, self.storage_dtype))
+            rows.text_keys.extend(key for key, n in zip(batch.keys, batch.caption_counts) for _ in range(n))
+            rows.caption_index.extend(np.arange(n, dtype=np.int16) for n in batch.caption_counts)
+            rows.captions.extend(batch.captions)
+            rows.text_emb.append(fmt.to_storage(text_emb, self.storage_dtype))
+        rows.seen += batch.entries
+        self.images += len(batch.keys)
+        self.rejects += len(batch.rejects)
+        if not rows.complete:
+            return None
+        self.open.pop(shard).write(self.root, self.cache_id, self.dim, self.storage_dtype)
+        return shard
+
+
+class _Clock:
+    """When each batch's embeddings reached the host: the steady-state window (module docstring)."""
+
+    def __init__(self, fill_batches: int):
+        self.fill_batches = fill_batches
+        self.batches = 0
+        self.window_start: float | None = None
+        self.window_end: float | None = None
+        self.window_images = 0
+
+    def batch_done(self, images: int, ready_at: float) -> None:
+        """Batch number ``batches + 1``, of ``images`` images, had its embeddings on the host at ``ready_at``."""
+        self.batches += 1
+        if self.batches == self.fill_batches:
+            self.window_start = ready_at
+        elif self.batches > self.fill_batches:
+            self.window_end = ready_at
+            self.window_images += images
+
+    @property
+    def steady_rate(self) -> float | None:
+        if self.window_start is None or self.window_end is None or self.window_end <= self.window_start:
+            return None
+        return self.window_images / (self.window_end - self.window_start)
+
+
 # --- the stage -------------------------------------------------------------------------------
 
 
@@ -238,9 +472,10 @@ def default_output(data: DataSpec, teacher: ModelSpec, artifacts: Path = DEFAULT
 
 
 def _cache_header(loaded: LoadedClip, dataset: Dataset, data: DataSpec, ranges: Sequence[range],
-                  rows_per_shard: int | None, views: ViewConfig, storage_dtype: str, precision: str) -> dict:
+                  config: ExtractConfig) -> dict:
     """Everything the manifest says about how the cache was made, and the cache id over it."""
     info = loaded.info
+    views, storage_dtype, precision = config.views, config.storage_dtype, config.precision
     identity = {
         "teacher": {
             "weights_sha256": loaded.weights_sha256,
@@ -284,7 +519,7 @@ def _cache_header(loaded: LoadedClip, dataset: Dataset, data: DataSpec, ranges: 
         "layout": {
             "shards": len(ranges),
             "shard_by": "data shard" if dataset.shard_ranges is not None else "rows",
-            "rows_per_shard": rows_per_shard if dataset.shard_ranges is None else None,
+            "rows_per_shard": config.rows_per_shard if dataset.shard_ranges is None else None,
         },
     }
 
@@ -359,57 +594,6 @@ def _remove_stale_temporaries(root: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but CUDA is not available")
-    return resolved
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} img/s" if speed else "- img/s", style="progress.data.speed")
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]extract-teacher"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        _RateColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
-
-
-def _validate(batch_size: int, workers: int, precision: str, storage_dtype: str, views: ViewConfig,
-              rows_per_shard: int, max_reject_fraction: float) -> None:
-    if batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if workers < 0:
-        raise UserError("--workers must be 0 or more")
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if storage_dtype not in fmt.STORAGE_DTYPES:
-        raise UserError(f"unknown storage dtype {storage_dtype!r}; expected one of {', '.join(fmt.STORAGE_DTYPES)}")
-    if views.count < 1:
-        raise UserError("--views must be at least 1")
-    if not 0 < views.scale[0] <= views.scale[1] <= 1:
-        raise UserError("--view-scale must be two numbers 0 < min <= max <= 1")
-    if rows_per_shard < 1:
-        raise UserError("--rows-per-shard must be at least 1")
-    if not 0 <= max_reject_fraction <= 1:
-        raise UserError("--max-reject-fraction must be between 0 and 1")
-
-
 def extract_teacher(
     data: DataSpec,
     teacher: ModelSpec,
@@ -429,87 +613,90 @@ def extract_teacher(
 ) -> ExtractSummary:
     """Run ``teacher`` over ``data`` once and write its embeddings to a cache at ``output``.
 
-    Resumes an interrupted run by default (finished shards are kept and skipped);
-    ``overwrite`` replaces a cache of another teacher/preprocessing/dataset. Raises
-    :class:`UserError` (nothing already written lost) for bad options, a missing dataset, a
-    teacher that cannot be loaded, an output that holds another cache, an unwritable
-    output, or more rejected samples than ``max_reject_fraction`` of the dataset.
+    The keyword arguments are the fields of :class:`ExtractConfig`. Resumes an interrupted
+    run by default (finished shards are kept and skipped); ``overwrite`` replaces a cache of
+    another teacher/preprocessing/dataset. Raises :class:`UserError` (nothing already
+    written lost) for bad options, a missing dataset, a teacher that cannot be loaded, an
+    output that holds another cache, an unwritable output, or more rejected samples than
+    ``max_reject_fraction`` of the dataset.
     """
-    _validate(batch_size, workers, precision, storage_dtype, views, rows_per_shard, max_reject_fraction)
-    torch_device = _resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-    if precision != "fp32" and torch_device.type != "cuda":
-        raise UserError(f"--precision {precision} needs CUDA; use fp32 on {torch_device.type}")
+    config = ExtractConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
+                           storage_dtype=storage_dtype, views=views, rows_per_shard=rows_per_shard, resume=resume,
+                           overwrite=overwrite, max_reject_fraction=max_reject_fraction, progress=progress)
+    config.check()
+    torch_device = runtime.resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    runtime.check_precision(config.precision, torch_device)
     joined_here = not torch.distributed.is_initialized()
     dist_info = distributed.setup(torch_device)
     try:
-        return _extract(data, teacher, output, dist_info.rank, dist_info.world_size, torch_device,
-                        batch_size=batch_size, workers=workers, precision=precision, storage_dtype=storage_dtype,
-                        views=views, rows_per_shard=rows_per_shard, resume=resume, overwrite=overwrite,
-                        max_reject_fraction=max_reject_fraction, progress=progress)
+        return _extract(data, teacher, output, config, torch_device, dist_info.rank, dist_info.world_size)
     finally:
         if joined_here:
             distributed.cleanup()
 
 
-def _extract(data: DataSpec, teacher: ModelSpec, output, rank: int, world: int, torch_device: torch.device, *,
-             batch_size: int, workers: int, precision: str, storage_dtype: str, views: ViewConfig,
-             rows_per_shard: int, resume: bool, overwrite: bool, max_reject_fraction: float,
-             progress: bool) -> ExtractSummary:
+@dataclass
+class _Job:
+    """One process's extraction, once its output is checked: what every step below reads."""
+
+    config: ExtractConfig
+    root: Path
+    dataset: Dataset
+    loaded: LoadedClip
+    ranges: list[range]  # entries of every cache shard
+    header: dict  # the manifest's description of the cache (see _cache_header)
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def cache_id(self) -> str:
+        return self.header["cache_id"]
+
+
+@dataclass(frozen=True)
+class _RejectLimit:
+    """``--max-reject-fraction`` of all entries (those the index refused included)."""
+
+    total: int
+    fraction: float
+
+    @property
+    def allowed(self) -> int:
+        return math.floor(self.fraction * self.total)
+
+    def check(self, root: Path, rejects: int, partial: bool) -> None:
+        if rejects <= self.allowed:
+            return
+        where = "" if partial else f" (reasons in {root / fmt.REJECTS}; finished shards are kept, so a rerun resumes)"
+        raise UserError(
+            f"{rejects} of {self.total} samples rejected ({rejects / max(self.total, 1):.1%}), more than "
+            f"--max-reject-fraction {self.fraction:g}{where}"
+        )
+
+
+def _extract(data: DataSpec, teacher: ModelSpec, output: Path | str | None, config: ExtractConfig,
+             device: torch.device, rank: int, world: int) -> ExtractSummary:
     """:func:`extract_teacher` on one rank, after the options are checked and the group is joined."""
-    dataset = open_dataset(data)
-    root = Path(output) if output is not None else default_output(data, teacher)
-    created = _check_writable(root, rank)
-    try:
-        loaded = load_clip(teacher, device=torch_device)
-        ranges = shard_ranges(dataset, rows_per_shard)
-        header = _cache_header(loaded, dataset, data, ranges, rows_per_shard, views, storage_dtype, precision)
-        cache_id = header["cache_id"]
-        action = _check_output(root, cache_id, overwrite)  # every rank decides the same, before any change
-    except UserError:
-        if created and rank == 0:  # leave no empty folder behind a run that never started
-            with contextlib.suppress(OSError):
-                root.rmdir()
-        raise
-
-    total_entries = len(dataset) + len(dataset.index_rejects)
-    allowed_rejects = math.floor(max_reject_fraction * total_entries)
+    job, action = _open_job(data, teacher, output, config, device, rank, world)
+    dataset, root = job.dataset, job.root
     index_rejects = [{"key": r.key, "source": r.source, "reason": r.reason} for r in dataset.index_rejects]
+    limit = _RejectLimit(len(dataset) + len(dataset.index_rejects), config.max_reject_fraction)
 
     distributed.barrier()
-    if action == "complete" and resume:
-        return _summary_of_complete(root, time.perf_counter(), rank)
+    if action == "complete" and config.resume:
+        return _summary_of_complete(root, rank)
     if rank == 0:
-        if action == "replace":
-            _remove_cache(root)
-        elif not resume:
-            (root / fmt.MANIFEST).unlink(missing_ok=True)
-        _remove_stale_temporaries(root)
+        _clear_output(root, action, config.resume)
     distributed.barrier()
-    if len(index_rejects) > allowed_rejects:
-        raise _too_many_rejects(root, len(index_rejects), total_entries, max_reject_fraction, partial=True)
+    limit.check(root, len(index_rejects), partial=True)
 
-    mine = [j for j in range(len(ranges)) if j % world == rank]
-    todo = [j for j in mine if not (resume and _shard_done(root, j, ranges[j], cache_id))]
+    mine = [j for j in range(len(job.ranges)) if j % world == rank]
+    todo = [j for j in mine if not (config.resume and _shard_done(root, j, job.ranges[j], job.cache_id))]
     start = time.perf_counter()
-    images_done = _run_shards(root, dataset, loaded, todo, ranges, cache_id, header, batch_size, workers,
-                              torch_device, precision, storage_dtype, views, progress and rank == 0,
-                              len(index_rejects), allowed_rejects, total_entries, max_reject_fraction, world)
-
+    images, clock = _extract_shards(job, todo, limit, len(index_rejects))
     distributed.barrier()
-    parts = [writer.read_part(root, j) for j in range(len(ranges))]
-    missing = [j for j, p in enumerate(parts) if p is None or p["cache_id"] != cache_id]
-    if missing:
-        raise UserError(f"{len(missing)} shard(s) of {root} were not written (first: {missing[0]}); rerun to resume")
-    rejects = writer.all_rejects(parts, index_rejects)
-    if len(rejects) > allowed_rejects:
-        if rank == 0:
-            writer.write_rejects(root, rejects)
-        distributed.barrier()
-        raise _too_many_rejects(root, len(rejects), total_entries, max_reject_fraction, partial=False)
-    manifest = writer.finalize(root, header, parts, index_rejects) if rank == 0 else None
-    distributed.barrier()
-    if manifest is None:
-        manifest = json.loads((root / fmt.MANIFEST).read_text(encoding="utf-8"))
+    manifest = _finish(job, index_rejects, limit)
     seconds = time.perf_counter() - start  # shards, index and manifest; not indexing or model loading
     summary = ExtractSummary(
         output=root,
@@ -519,11 +706,42 @@ def _extract(data: DataSpec, teacher: ModelSpec, output, rank: int, world: int, 
         rejects=manifest["counts"]["rejects"],
         shards_done=len(todo),
         seconds=seconds,
-        images_per_second=images_done / seconds if seconds > 0 else 0.0,
+        images_per_second=images / seconds if seconds > 0 else 0.0,
+        steady_images_per_second=clock.steady_rate,
     )
     if rank == 0:
         _print_summary(summary, world)
     return summary
+
+
+def _open_job(data: DataSpec, teacher: ModelSpec, output: Path | str | None, config: ExtractConfig,
+              device: torch.device, rank: int, world: int) -> tuple[_Job, str]:
+    """Open the dataset, load the teacher and decide what to do with the output ('new',
+    'resume', 'complete' or 'replace'; every rank decides the same, before any change)."""
+    dataset = open_dataset(data)
+    root = Path(output) if output is not None else default_output(data, teacher)
+    created = _check_writable(root, rank)
+    try:
+        loaded = load_clip(teacher, device=device)
+        ranges = shard_ranges(dataset, config.rows_per_shard)
+        header = _cache_header(loaded, dataset, data, ranges, config)
+        action = _check_output(root, header["cache_id"], config.overwrite)
+    except UserError:
+        if created and rank == 0:  # leave no empty folder behind a run that never started
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        raise
+    return _Job(config, root, dataset, loaded, ranges, header, device, rank, world), action
+
+
+def _clear_output(root: Path, action: str, resume: bool) -> None:
+    """Rank 0, before any shard: remove a cache being replaced, or the manifest of a cache being
+    redone, and temporary files of a killed run."""
+    if action == "replace":
+        _remove_cache(root)
+    elif not resume:
+        (root / fmt.MANIFEST).unlink(missing_ok=True)
+    _remove_stale_temporaries(root)
 
 
 def _shard_done(root: Path, shard: int, entries: range, cache_id: str) -> bool:
@@ -531,121 +749,81 @@ def _shard_done(root: Path, shard: int, entries: range, cache_id: str) -> bool:
     return record is not None and record["cache_id"] == cache_id and record["entries"] == [entries.start, entries.stop]
 
 
-def _too_many_rejects(root: Path, rejects: int, total: int, fraction: float, partial: bool) -> UserError:
-    where = "" if partial else f" (reasons in {root / fmt.REJECTS}; finished shards are kept, so a rerun resumes)"
-    return UserError(
-        f"{rejects} of {total} samples rejected ({rejects / max(total, 1):.1%}), more than "
-        f"--max-reject-fraction {fraction:g}{where}"
-    )
-
-
-def _run_shards(root, dataset, loaded, todo, ranges, cache_id, header, batch_size, workers, device, precision,
-                storage_dtype, views, show_progress, index_reject_count, allowed_rejects, total_entries,
-                max_reject_fraction, world) -> int:
-    """Extract and write the shards ``todo``; return how many images went through the teacher."""
-    dim = header["dim"]
-    buffers: dict[int, _ShardBuffer] = {}
-    for j in todo:
-        buffers[j] = _ShardBuffer(j, ranges[j])
-    # Shards with no entries (a data shard whose members were all broken) are written at once.
-    for j in [j for j in todo if len(ranges[j]) == 0]:
-        buffers.pop(j).write(root, cache_id, dim, storage_dtype)
-    live = [j for j in todo if len(ranges[j]) > 0]
-    live_starts = np.array([ranges[j].start for j in live], dtype=np.int64)
+def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejects: int) -> tuple[int, _Clock]:
+    """Extract and write the shards ``todo``: the loop. Returns the images that went through
+    the teacher and when their embeddings reached the host."""
+    config = job.config
+    assembler = ShardAssembler(job.root, job.cache_id, job.header["dim"], config.storage_dtype, config.views.count)
+    live = assembler.begin({j: job.ranges[j] for j in todo})
+    clock = _Clock(config.fill_batches)
     if not live:
-        return 0
-
-    loader = torch.utils.data.DataLoader(
-        TeacherInputs(dataset, loaded, views),
-        batch_sampler=_ShardBatches([ranges[j] for j in live], batch_size),
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    autocast = (torch.autocast("cuda", dtype=_AUTOCAST_DTYPE[precision]) if precision != "fp32"
-                else contextlib.nullcontext())
-    model = loaded.model
-    keys = dataset.keys
-    counts = {"images": 0, "rejects": index_reject_count}
-
-    def forward(batch: _Batch):
-        """Start the teacher on a batch; the embeddings come back to the host asynchronously."""
-        if not batch.indices:
-            return None
-        with torch.inference_mode(), autocast:
-            image_emb = model.encode_image(batch.pixels.to(device, non_blocking=True))
-            text_emb = model.encode_text(batch.tokens.to(device, non_blocking=True))
-            image_emb = F.normalize(image_emb.float(), dim=-1).to("cpu", non_blocking=True)
-            text_emb = F.normalize(text_emb.float(), dim=-1).to("cpu", non_blocking=True)
-        done = None
-        if device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return image_emb, text_emb, done
-
-    def finish(batch: _Batch, result, bar, task) -> None:
-        """Store a batch's rows in its shard buffer; write the shard when it is complete."""
-        first = batch.indices[0] if batch.indices else batch.rejects[0][0]
-        shard = live[int(np.searchsorted(live_starts, first, side="right")) - 1]
-        buf = buffers[shard]
-        for index, reason in batch.rejects:
-            buf.rejects.append({"key": keys[index], "source": dataset.source(index), "reason": reason})
-        if result is not None:
-            image_emb, text_emb, done = result
-            if done is not None:
-                done.synchronize()
-            k = views.count
-            for index, count in zip(batch.indices, batch.caption_counts):
-                buf.image_keys.extend([keys[index]] * k)
-                buf.text_keys.extend([keys[index]] * count)
-                buf.captions.extend(dataset.captions(index))
-                buf.caption_index.append(np.arange(count, dtype=np.int16))
-            buf.views.append(np.tile(np.arange(k, dtype=np.int16), len(batch.indices)))
-            buf.crops.append(batch.crops)
-            buf.flips.append(batch.flips)
-            buf.image_emb.append(fmt.to_storage(image_emb.numpy(), storage_dtype))
-            buf.text_emb.append(fmt.to_storage(text_emb.numpy(), storage_dtype))
-        n = len(batch.indices) + len(batch.rejects)
-        buf.seen += n
-        counts["images"] += len(batch.indices)
-        counts["rejects"] += len(batch.rejects)
-        bar.advance(task, n)
-        if buf.complete:
-            buffers.pop(shard).write(root, cache_id, dim, storage_dtype)
+        return 0, clock
+    forward = TeacherForward(job.loaded, job.device, config.precision)
+    show = config.progress and job.rank == 0
+    with runtime.progress(show, "extract-teacher", sum(map(len, live)), unit="images") as advance:
+        for done in teacher_outputs(iter(_loader(job, live)), forward):
+            clock.batch_done(len(done.batch.keys), done.ready_at)
+            written = assembler.add(done)
             # One process knows the run can no longer meet the threshold: stop now, keep what
             # is written (under torchrun the check waits for all ranks, at the end).
-            if world == 1 and counts["rejects"] > allowed_rejects:
-                raise _too_many_rejects(root, counts["rejects"], total_entries, max_reject_fraction, partial=True)
-
-    with _progress(show_progress) as bar:
-        task = bar.add_task("extract", total=sum(len(ranges[j]) for j in live))
-        pending = None
-        # One batch of lag: batch i is stored and written while the device runs batch i+1.
-        for batch in loader:
-            result = forward(batch)
-            if pending is not None:
-                finish(*pending, bar, task)
-            pending = (batch, result)
-        if pending is not None:
-            finish(*pending, bar, task)
-    images_done = counts["images"]
-    return images_done
+            if written is not None and job.world == 1:
+                limit.check(job.root, index_rejects + assembler.rejects, partial=True)
+            advance(done.batch.entries)
+    return assembler.images, clock
 
 
-def _summary_of_complete(root: Path, start: float, rank: int) -> ExtractSummary:
+def _loader(job: _Job, ranges: list[range]) -> torch.utils.data.DataLoader:
+    """Workers build whole batches of uint8 views; their prefetch is sized by a batch's bytes."""
+    config, cfg = job.config, job.loaded.preprocess_cfg
+    height, width = (cfg["size"], cfg["size"]) if isinstance(cfg["size"], int) else cfg["size"]
+    batch_bytes = config.batch_size * config.views.count * 3 * height * width
+    return torch.utils.data.DataLoader(
+        TeacherInputs(job.dataset, job.loaded, config.views),
+        batch_sampler=_ShardBatches(ranges, config.batch_size),
+        num_workers=config.workers,
+        collate_fn=_collate,
+        pin_memory=job.device.type == "cuda",
+        prefetch_factor=runtime.prefetch_factor(batch_bytes, config.workers, PREFETCH_BUDGET_BYTES),
+    )
+
+
+def _finish(job: _Job, index_rejects: list[dict], limit: _RejectLimit) -> dict:
+    """After every rank's shards: check they are all there and the rejects within the limit;
+    rank 0 writes the index, rejects and manifest. Returns the manifest."""
+    root = job.root
+    parts = [writer.read_part(root, j) for j in range(len(job.ranges))]
+    missing = [j for j, p in enumerate(parts) if p is None or p["cache_id"] != job.cache_id]
+    if missing:
+        raise UserError(f"{len(missing)} shard(s) of {root} were not written (first: {missing[0]}); rerun to resume")
+    rejects = writer.all_rejects(parts, index_rejects)
+    if len(rejects) > limit.allowed:
+        if job.rank == 0:
+            writer.write_rejects(root, rejects)
+        distributed.barrier()
+        limit.check(root, len(rejects), partial=False)
+    manifest = writer.finalize(root, job.header, parts, index_rejects) if job.rank == 0 else None
+    distributed.barrier()
+    if manifest is None:
+        manifest = json.loads((root / fmt.MANIFEST).read_text(encoding="utf-8"))
+    return manifest
+
+
+def _summary_of_complete(root: Path, rank: int) -> ExtractSummary:
     manifest = json.loads((root / fmt.MANIFEST).read_text(encoding="utf-8"))
     counts = manifest["counts"]
-    summary = ExtractSummary(root, manifest, counts["images"], counts["captions"], counts["rejects"], 0,
-                             time.perf_counter() - start, 0.0)
+    summary = ExtractSummary(root, manifest, counts["images"], counts["captions"], counts["rejects"], 0, 0.0, 0.0)
     if rank == 0:
         console.print(f"cache {root} is already complete (cache id {manifest['cache_id']}); nothing to do")
     return summary
 
 
 def _print_summary(summary: ExtractSummary, world: int) -> None:
+    steady = summary.steady_images_per_second
     console.print(
         f"[bold]cache[/bold] {summary.output}: {summary.images:,} images, {summary.captions:,} captions, "
         f"{summary.rejects:,} rejects; {summary.shards_done} shard(s) extracted in {summary.seconds:.1f} s "
-        f"({summary.images_per_second:,.1f} images/s{' on rank 0' if world > 1 else ''})"
+        f"({summary.images_per_second:,.1f} images/s whole run, "
+        f"{f'{steady:,.1f}' if steady is not None else '-'} images/s steady state"
+        f"{' on rank 0' if world > 1 else ''})",
+        soft_wrap=True,  # one line in a log, whatever the terminal's width
     )

@@ -39,6 +39,8 @@ DEFAULT_INPUTS = ("artifacts/eval/**/metrics.json",)
 _BOOKKEEPING = re.compile(r"/(images|captions|skipped|approximate)$")
 _SECTIONS = (("retrieval", "Retrieval"), ("zeroshot", "Zero-shot classification"), ("fidelity", "Geometry fidelity"))
 _SEED_DIR = re.compile(r"^seed[-_]?(\d+)$")
+# The labels file rdkd evaluate writes beside metrics.json, then its earlier name (still read).
+LABEL_FILES = ("labels.json", "run.json")
 
 
 def _find_metrics_files(inputs: Sequence[str | Path]) -> list[Path]:
@@ -62,8 +64,9 @@ def _find_metrics_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 def run_labels(metrics_file: Path) -> dict[str, Any]:
     """``method``, ``student``, ``seed`` of one run (see the module docstring)."""
-    info_file = metrics_file.parent / "run.json"
-    if info_file.is_file():
+    info_file = next((metrics_file.parent / name for name in LABEL_FILES if (metrics_file.parent / name).is_file()),
+                     None)
+    if info_file is not None:
         try:
             info = json.loads(info_file.read_text(encoding="utf-8"))
         except ValueError:

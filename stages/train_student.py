@@ -48,7 +48,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from rdkd import distributed, runtime, streaming
+from rdkd import checkpoints, distributed, runtime, streaming
 from rdkd.errors import UserError
 from rdkd.files import atomic_write
 from rdkd.training import (
@@ -68,7 +68,7 @@ from rdkd.training import (
     set_rng_state,
 )
 
-CHECKPOINT_FORMAT = "rdkd-train-checkpoint/1"
+CHECKPOINT_FORMAT = checkpoints.TRAIN_FORMAT  # tensors and plain data: loads with weights_only=True
 DEFAULT_ARTIFACTS = Path("artifacts")
 # Caches up to this size are checksummed in full before training (seconds); bigger ones get
 # a file-size check unless --verify-cache asks for the full one.
@@ -611,13 +611,11 @@ def _run_name(config: TrainConfig) -> str:
 
 def _rdkd_checkpoint_model(path: Path) -> dict | None:
     """The student weights of an rdkd train-student checkpoint, or None for any other file
-    (an open_clip checkpoint or tag, which open_clip loads itself)."""
+    (an open_clip checkpoint or tag, which open_clip loads itself). A ``.pt`` file is read
+    as data only: one that needs more than ``weights_only=True`` is refused with one line."""
     if not path.is_file() or path.suffix != ".pt":
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # not ours to judge: open_clip reports what is wrong with it
-        return None
+    state = checkpoints.load(path, "--init checkpoint", lazy=True)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return state["model"]
     return None

@@ -58,8 +58,9 @@ def test_teacher_model_files_and_keys(teacher_scored):
     assert result["retrieval/approximate"] == 0.0
     info = json.loads((out.parent / "evaluation.json").read_text())
     assert info["dataset_fingerprint"] and info["index_factory"] == "Flat"
-    run = json.loads((out.parent / "run.json").read_text())
+    run = json.loads((out.parent / "labels.json").read_text())
     assert run == {"method": "open_clip", "student": "tiny-clip", "seed": None}
+    assert info["precision"] == "fp32" and not (out.parent / "run.json").exists()
 
 
 def test_teacher_against_its_own_cache_has_full_fidelity(teacher_scored):
@@ -74,9 +75,36 @@ def test_cache_scores_like_the_model_it_holds(tmp_path, csv_dataset, teacher_cac
     from_cache = evaluate(tmp_path / "m.json", data=csv_dataset, cache=teacher_cache, device="cpu")
     for key, value in from_cache.items():
         assert value == pytest.approx(from_model[key], abs=1e-9), key
-    assert json.loads((tmp_path / "run.json").read_text())["method"] == "teacher"
+    assert json.loads((tmp_path / "labels.json").read_text())["method"] == "teacher"
     whole_cache = evaluate(tmp_path / "all" / "m.json", cache=teacher_cache, device="cpu")
     assert whole_cache == pytest.approx(from_cache)  # the cache holds exactly the eval set
+
+
+def test_precision_bf16_autocasts_the_forward_and_fp16_needs_cuda(tmp_path, capsys, csv_dataset, tiny_teacher,
+                                                                   teacher_cache, teacher_scored):
+    _, fp32 = teacher_scored  # default precision: bit-equal to the float32 cache it was extracted into
+    bf16 = evaluate(tmp_path / "bf16" / "metrics.json", data=csv_dataset, model=tiny_teacher, precision="bf16",
+                    teacher_cache=teacher_cache, workers=0, batch_size=5, device="cpu", fidelity_sample=50,
+                    progress=False)
+    assert fp32["fidelity/cka_img"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.99 < bf16["fidelity/cka_img"] < 1.0 - 1e-6  # bfloat16 rounding moved the embeddings, a little
+    assert json.loads((tmp_path / "bf16" / "evaluation.json").read_text())["precision"] == "bf16"
+    code, err = run_cli(["evaluate", "--model", tiny_teacher.config, "--pretrained", tiny_teacher.pretrained,
+                         "--data", csv_dataset.path, "--device", "cpu", "--precision", "fp16", "--workers", "0",
+                         "-o", str(tmp_path / "fp16" / "metrics.json")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "needs a CUDA device" in err
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_images_leave_the_workers_as_uint8(csv_dataset, tiny_teacher):
+    from rdkd.data import open_dataset
+    from rdkd.models import load_clip
+    from rdkd.runtime import uint8_transform
+    from rdkd.stages.evaluate import _DecodedImages
+
+    loaded = load_clip(tiny_teacher)
+    index, pixels, reason = _DecodedImages(open_dataset(csv_dataset), uint8_transform(loaded.preprocess))[3]
+    assert (index, reason) == (3, None) and pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
 
 
 def test_retrieval_matches_direct_encoding(csv_dataset, tiny_teacher, teacher_scored):
@@ -110,7 +138,7 @@ def test_student_export_with_run_info_and_zero_shot(tmp_path, csv_dataset, tiny_
     out = tmp_path / "eval" / "metrics.json"
     result = evaluate(out, model=parse_model_spec(str(run_dir / "export")), zeroshot=[task], workers=1,
                       device="cpu", per_class=True)
-    assert json.loads((out.parent / "run.json").read_text()) == {"method": "vrd", "student": "tiny", "seed": 3}
+    assert json.loads((out.parent / "labels.json").read_text()) == {"method": "vrd", "student": "tiny", "seed": 3}
     assert result["zeroshot/animals/images"] == 9
     assert result["zeroshot/animals/top5"] == 1.0  # capped at 3 classes
     # The same answer by hand: class index = sorted folder order, names from the folders
@@ -204,6 +232,16 @@ def test_report_mean_std_over_seeds(tmp_path):
     assert float(rows["vrd / ViT-T-16"]["retrieval/i2t_r1__std"]) == pytest.approx(0.2)
     with open(tmp_path / "report" / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
+
+
+def test_report_reads_labels_json_and_still_the_older_run_json(tmp_path):
+    _write_run(tmp_path / "old", "vrd", "tiny", 1, {"retrieval/i2t_r1": 0.5})  # labels under the old name
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "metrics.json").write_text(json.dumps({"retrieval/i2t_r1": 0.7}))
+    (new / "labels.json").write_text(json.dumps({"method": "vrd", "student": "tiny", "seed": 2}))
+    result = report([str(tmp_path)], tmp_path / "report")
+    assert [(g["method"], g["student"], g["seeds"]) for g in result["groups"]] == [("vrd", "tiny", [1, 2])]
 
 
 def test_report_without_inputs_is_a_user_error(tmp_path):

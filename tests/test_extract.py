@@ -18,11 +18,13 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from builders import Sample, image_bytes, make_image, sample_members, standard_samples, write_csv_dataset, write_tar
+from rdkd import runtime
 from rdkd.cache import TeacherCache, ViewConfig, eval_view_box, render_view
 from rdkd.cache import format as fmt
 from rdkd.data import DataSpec, open_dataset
 from rdkd.errors import UserError
 from rdkd.models import load_clip
+from rdkd.stages import extract_teacher as stage
 from rdkd.stages.extract_teacher import extract_teacher
 from test_cache import run_cli  # noqa: F401  (fixture)
 
@@ -118,6 +120,97 @@ def test_rerun_of_a_complete_cache_changes_nothing(reference_cache, csv_dataset,
     before = _files(reference_cache)
     summary = extract_teacher(csv_dataset, tiny_teacher, reference_cache, **REFERENCE)
     assert summary.shards_done == 0 and _files(reference_cache) == before
+
+
+# --- compact transport, device normalisation, rates ----------------------------------------------
+
+
+def test_workers_hand_over_uint8_views_that_normalise_to_the_host_transform(csv_dataset, teacher):
+    dataset = open_dataset(csv_dataset)
+    inputs = stage.TeacherInputs(dataset, teacher, ViewConfig(count=2))
+    batch = stage._collate([inputs[i] for i in range(3)])
+    assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (6, 3, 32, 32)
+    assert batch.pixels.nbytes / len(batch.keys) == 2 * 3 * 32 * 32  # a quarter of float32's bytes
+    normalised = stage.TeacherForward(teacher, torch.device("cpu"), "fp32").normalize(batch.pixels)
+    cfg = teacher.preprocess_cfg
+    for i in range(3):  # the float32 values the teacher's own host transforms give, bit for bit
+        image = dataset.read_image(i)
+        view = render_view(image, batch.crops[2 * i + 1].tolist(), bool(batch.flips[2 * i + 1]), cfg["size"],
+                           cfg["interpolation"])
+        assert torch.equal(normalised[2 * i], teacher.preprocess(image))
+        assert torch.equal(normalised[2 * i + 1], TF.normalize(TF.to_tensor(view), cfg["mean"], cfg["std"]))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_device_normalize_is_float32_to_tensor_then_normalize_on_every_level(device):
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 2, 256)
+    got = runtime.DeviceNormalize(mean, std, torch.device(device))(levels.to(device)).cpu().numpy()
+    # independent reference: IEEE float32 arithmetic in numpy, (x / 255 - mean) / std
+    x = np.arange(256, dtype=np.float32) / np.float32(255)
+    want = (x[None, :] - np.float32(mean)[:, None]) / np.float32(std)[:, None]
+    assert got.dtype == np.float32 and np.array_equal(got[0, :, 0], want) and np.array_equal(got[0, :, 1], want)
+
+
+def test_uint8_transport_writes_the_same_bytes_as_float32_pixels(tmp_path, csv_dataset, tiny_teacher, teacher,
+                                                                 monkeypatch):
+    """The cache of the uint8 path equals, byte for byte, that of the path it replaced:
+    float32 pixels normalised on the host in the workers (float32 storage hides nothing)."""
+    settings = dict(REFERENCE, storage_dtype="float32")
+    extract_teacher(csv_dataset, tiny_teacher, tmp_path / "uint8", **settings)
+    cfg = teacher.preprocess_cfg
+
+    def float32_views(self, key, image):
+        pixels, crops, flips = real_render(self, key, image)
+        host = [teacher.preprocess(image)] + [
+            TF.normalize(TF.to_tensor(render_view(image, box.tolist(), bool(flip), cfg["size"], cfg["interpolation"])),
+                         cfg["mean"], cfg["std"]) for box, flip in zip(crops[1:], flips[1:])]
+        return torch.stack(host), crops, flips
+
+    real_render = stage.TeacherInputs.render
+    monkeypatch.setattr(stage.TeacherInputs, "render", float32_views)
+    monkeypatch.setattr(runtime, "DeviceNormalize", lambda mean, std, device: lambda pixels: pixels)
+    extract_teacher(csv_dataset, tiny_teacher, tmp_path / "float32", **settings)
+    assert _files(tmp_path / "uint8") == _files(tmp_path / "float32")
+
+
+def test_no_host_sync_per_batch(tmp_path, csv_dataset, tiny_teacher, monkeypatch):
+    """The extraction loop makes the host wait for the device only to copy the embeddings back
+    (a no-op on CPU): the sync count of a run does not grow with its number of batches."""
+    counts = []
+    real_loop = stage._extract_shards
+
+    def counted(*args, **kwargs):
+        with runtime.HostSyncCounter() as counter:
+            result = real_loop(*args, **kwargs)
+        counts.append(counter.count)
+        return result
+
+    monkeypatch.setattr(stage, "_extract_shards", counted)
+    for batch_size in (4, 1):  # 3 batches, then 12
+        extract_teacher(csv_dataset, tiny_teacher, tmp_path / f"b{batch_size}", batch_size=batch_size, workers=0,
+                        rows_per_shard=4, progress=False)
+    assert counts[0] == counts[1] <= 2, counts  # one-off setup: the DataLoader's seed, the normalisation table
+
+
+def test_steady_state_window_excludes_the_fill():
+    clock = stage._Clock(fill_batches=2)
+    for images, ready_at in ((4, 10.0), (4, 11.0), (4, 13.0), (2, 14.0)):
+        clock.batch_done(images, ready_at)
+    assert clock.steady_rate == pytest.approx((4 + 2) / (14.0 - 11.0))  # batches 3..4 over [end of 2, end of 4]
+    short = stage._Clock(fill_batches=2)
+    short.batch_done(4, 1.0)
+    short.batch_done(4, 2.0)
+    assert short.steady_rate is None  # N <= K: no window
+    assert stage.ExtractConfig(workers=0).fill_batches == 1 and stage.ExtractConfig(workers=6).fill_batches == 6
+
+
+def test_summary_reports_both_rates(tmp_path, csv_dataset, tiny_teacher, capsys):
+    summary = extract_teacher(csv_dataset, tiny_teacher, tmp_path / "cache", batch_size=2, workers=0,
+                              rows_per_shard=6, progress=False)
+    assert summary.images_per_second > 0 and summary.steady_images_per_second > 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "images/s whole run" in line and "images/s steady state" in line
 
 
 # --- bad samples -------------------------------------------------------------------------------
@@ -306,9 +399,9 @@ def test_cli_misuse_is_one_line_and_exit_2(tmp_path, csv_dataset, wds_dataset, t
     code, _, err = run_cli(*base, "--data", csv_dataset.path, *teacher, "--out", str(tmp_path / "notes"))
     _one_line_error(code, err, "not an rdkd cache")
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
-    code, _, err = run_cli(*base, "--data", csv_dataset.path, *teacher, "--precision", "bf16", "--device", "cpu",
+    code, _, err = run_cli(*base, "--data", csv_dataset.path, *teacher, "--precision", "fp16", "--device", "cpu",
                            "--out", str(tmp_path / "c"))
-    _one_line_error(code, err, "needs CUDA")
+    _one_line_error(code, err, "needs a CUDA device")
     code, _, err = run_cli(*base, "--data", csv_dataset.path, *teacher, "--view-scale", "big",
                            "--out", str(tmp_path / "c"))
     _one_line_error(code, err, "--view-scale")

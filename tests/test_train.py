@@ -172,7 +172,7 @@ def test_two_architectures_train_from_one_cache_without_the_teacher(
         assert summary["teacher_forwards"] == 0
         assert summary["embed_dim"] == 24 and summary["teacher_dim"] == 32
         assert np.isfinite(summary["final_loss"])
-        state = real_load(run / "checkpoints" / "step-00000003.pt", weights_only=False)
+        state = real_load(run / "checkpoints" / "step-00000003.pt", weights_only=True)
         assert state["loss"]["head_img.weight"].shape == (32, 24)
 
 
@@ -216,8 +216,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, tea
                             **{**args, "workers": 2})
     assert summary["resumed_from_step"] == 4
 
-    a = torch.load(straight / "checkpoints" / "step-00000007.pt", weights_only=False)
-    b = torch.load(interrupted / "checkpoints" / "step-00000007.pt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "step-00000007.pt", weights_only=True)
+    b = torch.load(interrupted / "checkpoints" / "step-00000007.pt", weights_only=True)
     for part in ("model", "loss"):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
@@ -255,7 +255,7 @@ def test_export_loads_with_plain_open_clip(tmp_path, csv_dataset, teacher_cache,
 
     run = tmp_path / "run"
     train_student(csv_dataset, tiny_resnet, "cliprd", teacher_cache, steps=2, out=run, **FAST)
-    trained = torch.load(run / "checkpoints" / "step-00000002.pt", weights_only=False)["model"]
+    trained = torch.load(run / "checkpoints" / "step-00000002.pt", weights_only=True)["model"]
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run / 'export'}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run / 'export'}")
     exported = model.state_dict()
@@ -416,8 +416,8 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, csv_dataset, teache
          "--master_port", str(_free_port()), str(script), str(two)],
         timeout=180, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(one / "checkpoints" / "step-00000003.pt", weights_only=False)
-    b = torch.load(two / "checkpoints" / "step-00000003.pt", weights_only=False)
+    a = torch.load(one / "checkpoints" / "step-00000003.pt", weights_only=True)
+    b = torch.load(two / "checkpoints" / "step-00000003.pt", weights_only=True)
     for part in ("model", "loss"):
         for k in a[part]:
             one_proc, two_proc = a[part][k], b[part][k]
@@ -443,11 +443,11 @@ def test_init_from_an_rdkd_checkpoint_and_pickled_workers(tmp_path, csv_dataset,
 
     first = tmp_path / "first"
     train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=2, out=first, **FAST)
-    start = torch.load(first / "checkpoints" / "step-00000002.pt", weights_only=False)["model"]
+    start = torch.load(first / "checkpoints" / "step-00000002.pt", weights_only=True)["model"]
     second = tmp_path / "second"
     train_student(csv_dataset, tiny_vit, "clip", steps=1, out=second, init=first / "checkpoints" / "step-00000002.pt",
                   **{**FAST, "lr": 0.0})
-    after = torch.load(second / "checkpoints" / "step-00000001.pt", weights_only=False)["model"]
+    after = torch.load(second / "checkpoints" / "step-00000001.pt", weights_only=True)["model"]
     assert all(torch.equal(start[k], after[k]) for k in start)
 
     student = create_student(tiny_vit)
