@@ -115,6 +115,21 @@ def test_round_robin_skips_lanes_that_ran_out():
     assert round_robin([2, 4, 1], 7) == ([2, 4, 1], 2)
 
 
+def test_auto_streams_big_webdataset_data_with_an_aligned_cache(monkeypatch, stream_data, stream_cache,
+                                                                 csv_dataset):
+    import rdkd.streaming as streaming
+    from rdkd.cache import TeacherCache
+
+    cache = TeacherCache.open(stream_cache)
+    assert streaming.streaming_layout(None, stream_data, cache) is None  # 48 entries: the index
+    assert streaming.streaming_layout(False, stream_data, cache) is None
+    monkeypatch.setattr(streaming, "STREAM_AUTO_MIN_ENTRIES", 40)
+    layout = streaming.streaming_layout(None, stream_data, cache)
+    assert layout.counts.tolist() == [6, 6, 5, 6, 6, 6, 6, 6] and layout.samples == 47
+    assert streaming.streaming_layout(None, csv_dataset, cache) is None  # not webdataset
+    assert streaming.streaming_layout(None, stream_data, None) is None  # no cache
+
+
 # --- one epoch, every usable sample once --------------------------------------------------------
 
 
