@@ -281,6 +281,54 @@ def test_resume_with_another_stream_shape_is_refused(tmp_path, capsys, stream_da
     assert code == 2 and "differs in stream" in err and len(err.strip().splitlines()) == 1
 
 
+def _changed_copy(stream_data, root: Path, key: str, member: str, data: bytes):
+    """The stream data with one member of sample ``key`` replaced (the data changed after
+    the cache was made)."""
+    import shutil
+    import tarfile
+
+    from rdkd.data import DataSpec, _expand_shards
+
+    root.mkdir()
+    for shard in _expand_shards(stream_data.path):
+        with tarfile.open(shard) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar]
+        if any(name.startswith(key + ".") for name, _ in members):
+            builders.write_tar(root / Path(shard).name,
+                               [(n, data if n == f"{key}.{member}" else d) for n, d in members])
+        else:
+            shutil.copy(shard, root)
+    return DataSpec(f"{root}/{{00000..00007}}.tar")
+
+
+def test_an_image_that_no_longer_decodes_is_skipped_and_its_slot_refilled(
+        tmp_path, stream_data, stream_cache, tiny_vit):
+    changed = _changed_copy(stream_data, tmp_path / "data", "000020", "jpg", b"\xff\xd8 truncated")
+    reference = _stream(stream_data, stream_cache, tiny_vit, batch=4)
+    stream = _stream(changed, stream_cache, tiny_vit, batch=4)
+    steps = stream.steps_per_epoch(epochs=1)
+    for want, got in zip(reference.batches(0, steps), stream.batches(0, steps)):
+        index = got["index"].tolist()
+        if got["skipped"]:
+            assert [tuple(skip) for skip in got["skipped"]] == [("000020", "not an image")]
+            assert 20 not in index and len(index) == 4 and len(set(index)) == 3
+            slot = want["index"].tolist().index(20)
+            assert index[slot] == want["index"].tolist()[(slot + 1) % 4]  # the batch's next sample
+            break
+        assert torch.equal(want["image"], got["image"]) and want["index"].tolist() == index
+    else:
+        pytest.fail("the changed sample never came")
+
+
+def test_data_that_changed_since_the_cache_stops_the_run_with_one_line(
+        tmp_path, capsys, stream_data, stream_cache, tiny_vit):
+    changed = _changed_copy(stream_data, tmp_path / "data", "000020", "txt", b"another caption")
+    line = _refused(["train-student", "--data", changed.path, "--cache", str(stream_cache), "--student", tiny_vit,
+                     "--stream", "--epochs", "1", "--batch-size", "4", "--workers", "2", "--no-progress",
+                     "--device", "cpu", "--out", str(tmp_path / "run")], capsys)
+    assert "sample '000020': captions differ from cache shard 3's" in line, line
+
+
 # --- refusals ------------------------------------------------------------------------------
 
 
