@@ -1,54 +1,143 @@
 #!/usr/bin/env bash
-# GPU figures in one bounded command: extraction images/s of a ViT-B-16 teacher and train
-# steps/s of a ViT-T-16 student (cliprd, from the cache), batch 1024, bf16, random init
-# (the speed of a model does not depend on its weights). Run from the repository root on a
-# CUDA machine with rdkd installed:
+# P8 GPU feed (issue #10), one bounded command: are extract-teacher and train-student as fast
+# as their models? In its own work folder it measures
+#   1. the bare models on random device tensors (bench/bare.py): the ViT-T-16 cliprd training
+#      step at batch 256 and 1024, the ViT-B-16 image + text forward at the same batches;
+#   2. rdkd demo-data: IMAGES (50,000) 224 px PNG scenes as an open_clip CSV;
+#   3. rdkd extract-teacher: ViT-B-16 (random init) over them, batch 1024;
+#   4. rdkd train-student: ViT-T-16, cliprd, from that cache, batch 256 (60 steps) and 1024
+#      (40 steps, its peak host memory (PSS + shared memory) watched by bench/train_feed.py),
+#      a log record every 10 steps; then, if time is left, batch 1024 with --compile;
+# and prints (bench/gpu_summary.py) extraction steady img/s / bare forward img/s, train
+# samples/s (log intervals after the first) / bare step samples/s, the data-wait share, peak
+# GPU memory and the targets (>= 0.85 each). bf16 on CUDA; models random-init (the speed of a
+# model does not depend on its weights). Each stage has a time cap and all of it LIMIT_S
+# (450 s); a stage that fails or runs out of time is reported and the rest still runs.
 #
-#     bash bench/gpu.sh                  # IMAGES=8192 STEPS=30 LIMIT_S=480 by default
+#     bash bench/gpu.sh                       # on a CUDA machine with rdkd installed
+#     OUT=DIR bash bench/gpu.sh               # also: summary.json, bare.jsonl, logs.txt, metrics in DIR
 #
-# A CPU smoke test of the script itself: DEVICE=cpu PRECISION=fp32 TEACHER=demo-teacher-vit
-# STUDENT=demo-student-vit SIZE=32 BATCH=32 IMAGES=64 STEPS=3 bash bench/gpu.sh
-# Prints the machine, both rates and where the logs are. Everything is bounded by LIMIT_S.
-set -euo pipefail
+# On a machine without a registry, install first: bash bench/device_setup.sh (see BENCHMARKS.md, P8).
+# CPU smoke test of the script itself (3-5 minutes on 2 busy cores):
+#   DEVICE=cpu PRECISION=fp32 TEACHER=demo-teacher-vit STUDENT=demo-student-vit SIZE=32 IMAGES=300 \
+#   EXTRACT_BATCH=64 TRAIN_BATCHES="16 32" TRAIN_STEPS="6 4" LOG_EVERY=2 WORKERS=2 COMPILE_STEPS=0 \
+#   BARE_ARGS="--warmup 1 --steps 2 --repeats 2" bash bench/gpu.sh
+set -uo pipefail
 
-IMAGES=${IMAGES:-8192}
-STEPS=${STEPS:-30}
-LIMIT_S=${LIMIT_S:-480}
-WORKERS=${WORKERS:-$(( $(nproc) > 16 ? 16 : $(nproc) ))}
-WORK=${WORK:-$(mktemp -d)}
-export COLUMNS=200  # one summary line per command
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+IMAGES=${IMAGES:-50000}
+SIZE=${SIZE:-224}
 DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 TEACHER=${TEACHER:-ViT-B-16}
 STUDENT=${STUDENT:-ViT-T-16}
-SIZE=${SIZE:-224}
-BATCH=${BATCH:-1024}
+EXTRACT_BATCH=${EXTRACT_BATCH:-1024}
+TRAIN_BATCHES=${TRAIN_BATCHES:-256 1024}
+TRAIN_STEPS=${TRAIN_STEPS:-60 40}
+LOG_EVERY=${LOG_EVERY:-10}
+COMPILE_STEPS=${COMPILE_STEPS:-40}  # train-student --compile at the largest batch; 0: not run
+WORKERS=${WORKERS:-$(( $(nproc) > 16 ? 16 : $(nproc) ))}
+BARE_ARGS=${BARE_ARGS:-}
+LIMIT_S=${LIMIT_S:-450}
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/rdkd-gpu-XXXXXX")}
+RESULTS=${OUT:-$WORK/results}
+export COLUMNS=200 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1  # one summary line per stage; no Hub look-ups
+PY=${PYTHON:-python3}
+export DEVICE PRECISION TEACHER STUDENT IMAGES SIZE WORKERS EXTRACT_BATCH TRAIN_BATCHES TRAIN_STEPS LOG_EVERY \
+    COMPILE_STEPS LIMIT_S  # recorded in machine.json
+read -r -a batches <<< "$TRAIN_BATCHES"
+read -r -a steps <<< "$TRAIN_STEPS"
+command -v rdkd >/dev/null || { echo "error: rdkd is not on PATH (bash bench/device_setup.sh)" >&2; exit 2; }
+[ ${#batches[@]} -eq ${#steps[@]} ] || { echo "error: TRAIN_BATCHES and TRAIN_STEPS differ in length" >&2; exit 2; }
+mkdir -p "$WORK" "$RESULTS"
+deadline=$(( SECONDS + LIMIT_S ))
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+# run_stage NAME CAP_S COMMAND...: COMMAND bounded by min(CAP_S, time left), output in
+# $WORK/NAME.log, one record in $WORK/stages.jsonl, one line here.
+run_stage() {
+  local name=$1 cap=$2 left limit start rc
+  shift 2
+  left=$(( deadline - SECONDS ))
+  limit=$(( cap < left ? cap : left ))
+  if (( limit < 15 )); then
+    echo "{\"stage\": \"$name\", \"skipped\": true, \"seconds\": 0, \"rc\": null}" >> "$WORK/stages.jsonl"
+    echo "[$name] skipped: ${left} s of the ${LIMIT_S} s left"
+    return 1
+  fi
+  start=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  rc=$?
+  echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( SECONDS - start )), \"limit_s\": $limit, \"timed_out\": $([ $rc -eq 124 ] && echo true || echo false)}" >> "$WORK/stages.jsonl"
+  echo "[$name] rc $rc in $(( SECONDS - start )) s (limit $limit s): $(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-300)"
+  return $rc
+}
 
-timeout "$LIMIT_S" bash -euo pipefail -c "
-  # 224 px scenes as an open_clip CSV (PNG), the size a ViT-B-16 teacher reads.
-  rdkd demo-data --profile quick --image-size $SIZE --pretrain 0 --test 0 --zeroshot-per-class 0 \
-      --train $IMAGES --train-format csv --workers $WORKERS --out $WORK/data > $WORK/data.log
-  rdkd extract-teacher --data $WORK/data/train/train.csv --model $TEACHER \
-      --batch-size $BATCH --precision $PRECISION --workers $WORKERS --device $DEVICE --no-progress \
-      --out $WORK/cache 2>&1 | tee $WORK/extract.log
-  rdkd train-student --data $WORK/data/train/train.csv --cache $WORK/cache --student $STUDENT \
-      --loss cliprd --steps $STEPS --batch-size $BATCH --precision $PRECISION --workers $WORKERS \
-      --device $DEVICE --save-every 100000 --no-progress --out $WORK/student 2>&1 | tee $WORK/train.log
-"
+# the machine
+gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//')
+torch_line=$("$PY" -c "import torch; print(torch.__version__, 'CUDA', torch.version.cuda)" 2>&1 | tail -n 1)
+commit=${RDKD_COMMIT:-$(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "machine: ${gpu:-no GPU}; $(nproc) CPUs ($cpu); $(free -g 2>/dev/null | awk '/Mem:/{print $2 " GiB RAM"}'); \
+/dev/shm $(df -h /dev/shm 2>/dev/null | awk 'NR==2{print $4 " free"}'); torch $torch_line; rdkd $commit"
+echo "work folder: $WORK; results: $RESULTS; limit ${LIMIT_S} s"
+GPU=${gpu:-none} CPU=$cpu CPUS=$(nproc) TORCH=$torch_line COMMIT=$commit "$PY" -c '
+import json, os, sys
+env = os.environ
+keys = ("DEVICE", "PRECISION", "TEACHER", "STUDENT", "IMAGES", "SIZE", "WORKERS", "EXTRACT_BATCH",
+        "TRAIN_BATCHES", "TRAIN_STEPS", "LOG_EVERY", "COMPILE_STEPS", "LIMIT_S")
+record = {"gpu": env["GPU"], "cpu": env["CPU"], "cpus": int(env["CPUS"]), "torch": env["TORCH"],
+          "rdkd_commit": env["COMMIT"], **{k.lower(): env[k] for k in keys}}
+for k in ("images", "size", "workers", "extract_batch", "log_every", "compile_steps", "limit_s"):
+    record[k] = int(record[k])
+json.dump(record, open(sys.argv[1], "w"), indent=1)
+' "$WORK/machine.json"
 
-python - "$WORK" <<'EOF'
-import json, statistics, sys
-from pathlib import Path
+# 1. bare models, first, on an idle machine
+bare_batches=$(printf '%s\n' "${batches[@]}" "$EXTRACT_BATCH" | sort -n -u | paste -sd, -)
+run_stage bare 150 "$PY" "$HERE/bare.py" --device "$DEVICE" --precision "$PRECISION" --student "$STUDENT" \
+    --teacher "$TEACHER" --batches "$bare_batches" $BARE_ARGS
+grep '^{' "$WORK/bare.log" > "$WORK/bare.jsonl"
 
-work = Path(sys.argv[1])
-rows = [json.loads(line) for line in (work / "student/logs/metrics.jsonl").read_text().splitlines()]
-rates = [r["samples_per_s"] for r in rows[len(rows) // 3:]]  # steady state: drop the first third
-print(f"extraction: {(work / 'extract.log').read_text().strip().splitlines()[-1]}")
-batch = json.loads((work / "student/run.json").read_text()).get("global_batch", 1024)
-print(f"train-student cliprd: median {statistics.median(rates):.0f} samples/s "
-      f"= {statistics.median(rates) / batch:.2f} steps/s over steps {len(rows) - len(rates) + 1}..{len(rows)}")
-print(f"logs: {work}")
-EOF
+# 2. data: PNG scenes as an open_clip CSV (what the issue measured)
+run_stage demo-data 150 rdkd demo-data --profile quick --image-size "$SIZE" --pretrain 0 --test 0 \
+    --zeroshot-per-class 0 --train "$IMAGES" --train-format csv --workers "$WORKERS" --out "$WORK/data"
+
+# 3. the teacher, once
+run_stage extract 200 rdkd extract-teacher --data "$WORK/data/train/train.csv" --model "$TEACHER" \
+    --batch-size "$EXTRACT_BATCH" --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" \
+    --no-progress --out "$WORK/cache"
+
+# 4. the student from the cache, at each batch; then --compile at the largest, with what is left
+train() {  # train NAME BATCH STEPS CAP [extra options]; the largest batch under the memory watch
+  local name=$1 batch=$2 steps=$3 cap=$4 watch=()
+  shift 4
+  [ "$batch" = "${batches[-1]}" ] && [ "$name" = "train-$batch" ] && watch=("$PY" "$HERE/train_feed.py" watch --)
+  run_stage "$name" "$cap" "${watch[@]}" rdkd train-student --data "$WORK/data/train/train.csv" --cache "$WORK/cache" \
+      --student "$STUDENT" --loss cliprd --steps "$steps" --batch-size "$batch" --precision "$PRECISION" \
+      --workers "$WORKERS" --device "$DEVICE" --log-every "$LOG_EVERY" --save-every 100000 --no-progress \
+      --out "$WORK/$name" "$@"
+}
+for i in "${!batches[@]}"; do
+  train "train-${batches[$i]}" "${batches[$i]}" "${steps[$i]}" 150
+done
+if (( COMPILE_STEPS > 0 )); then
+  largest=${batches[-1]}
+  if (( deadline - SECONDS >= 100 )); then
+    train "train-$largest-compile" "$largest" "$COMPILE_STEPS" 240 --compile
+  else
+    echo "[train-$largest-compile] not run: $(( deadline - SECONDS )) s left (needs 100)"
+  fi
+fi
+
+# summary, and what comes back: at most 7 files in $RESULTS
+for log in "$WORK"/bare.log "$WORK"/demo-data.log "$WORK"/extract.log "$WORK"/train-*.log; do
+  [ -f "$log" ] && { echo "===== $(basename "$log")"; cat "$log"; }
+done > "$RESULTS/logs.txt"
+cp "$WORK/bare.jsonl" "$RESULTS/bare.jsonl"
+for run in "$WORK"/train-*/; do
+  name=$(basename "$run")
+  [ -f "$run/logs/metrics.jsonl" ] && cp "$run/logs/metrics.jsonl" "$RESULTS/$name.metrics.jsonl"
+done
+echo "=== P8 GPU feed summary (work folder $WORK, total $SECONDS s)"
+"$PY" "$HERE/gpu_summary.py" "$WORK" --extract-batch "$EXTRACT_BATCH" \
+    --train-batches "$(IFS=,; echo "${batches[*]}")" --out "$RESULTS/summary.json"

@@ -77,7 +77,8 @@ def bytes_per_sample(root: Path, spec: DataSpec, cache: Path, student: str, batc
     run = setup(TrainConfig(data=spec, student=student, method="cliprd", cache=str(cache), steps=1,
                             batch_size=batch, workers=2, device="cpu", out=str(root / "bytes")))
     shipped, samples = 0, 0
-    for i, b in enumerate(_loader(run, 0)):
+    loader, _ = _loader(run, 0)
+    for i, b in enumerate(loader):
         shipped += sum(v.nbytes for v in b.values() if isinstance(v, torch.Tensor))
         samples += len(b["index"])
         if i + 1 == batches:
@@ -147,8 +148,9 @@ from rdkd.stages.train_student import TrainConfig, _loader, setup
 data, cache, student, out, batch, workers, batches = sys.argv[1:8]
 run = setup(TrainConfig(data=DataSpec(data), student=student, method="cliprd", cache=cache, steps=1,
                         batch_size=int(batch), workers=int(workers), device="cpu", out=out))
-for i, b in enumerate(_loader(run, 0)):
-    if i + 1 == int(batches):
+loader, pieces = _loader(run, 0)
+for i, b in enumerate(loader):
+    if i + 1 == int(batches) * pieces:
         break
 """
 

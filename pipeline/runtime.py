@@ -12,8 +12,8 @@
 - :func:`decode_or_reason`: one dataset item that either reads, decodes and transforms or
   carries the reason it was skipped, never raising for a bad sample.
 - :func:`device_batches`: a loader's batches on the device, copied from pinned memory
-  on a side stream (CUDA) while the previous step runs; :func:`prefetch_factor` sizes the
-  DataLoader's prefetch by bytes in flight, not by batches.
+  on a side stream (CUDA) while the previous step runs, pieces of a batch joined there;
+  :func:`prefetch_factor` sizes the DataLoader's prefetch by bytes in flight, not by batches.
 - :class:`HostSyncCounter`: counts the operations that make the host wait for the device
   (``.item()``, ``float(t)``, ``bool(t)``, ``nonzero``, copies to the CPU), to keep them
   out of a training step. It counts on any device, so a CPU test sees them too.
@@ -23,7 +23,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, TypeVar
+import itertools
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -144,31 +145,47 @@ def to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> d
             for k, v in batch.items()}
 
 
-def device_batches(loader: Any, device: torch.device) -> Iterator[dict]:
-    """The loader's dict batches on ``device``. On CUDA, batch i+1 is copied on a side
-    stream while the caller's step on batch i runs; the compute stream waits for the copy
-    before using it, and the tensors are marked as used by that stream so the allocator
-    does not reuse their memory early."""
-    batches = iter(loader)
+def join_batches(parts: Sequence[dict]) -> dict:
+    """Pieces of one batch as one: tensors concatenated along the first dimension, lists
+    joined, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else
+            [x for p in parts for x in p[k]] for k, v in parts[0].items()}
+
+
+def device_batches(loader: Any, device: torch.device, pieces: int = 1) -> Iterator[dict]:
+    """The loader's dict batches on ``device``, every ``pieces`` consecutive items joined
+    into one (:func:`join_batches`, on the device). On CUDA, batch i+1 is copied and joined
+    on a side stream while the caller's step on batch i runs; the compute stream waits for
+    it before use, and its tensors are marked as used by that stream so the allocator does
+    not reuse their memory early."""
+    items = iter(loader)
+
+    def take() -> list[dict] | None:
+        parts = list(itertools.islice(items, pieces))
+        return parts if len(parts) == pieces else None
+
     if device.type != "cuda":
-        yield from (to_device(b, device) for b in batches)
+        while (parts := take()) is not None:
+            yield join_batches([to_device(p, device) for p in parts])
         return
     copy_stream = torch.cuda.Stream(device)
 
-    def stage(batch: dict) -> dict:
+    def stage(parts: list[dict] | None) -> dict | None:
+        if parts is None:
+            return None
         with torch.cuda.stream(copy_stream):
-            return to_device(batch, device)
+            return join_batches([to_device(p, device) for p in parts])
 
-    staged = stage(next(batches))
+    staged = stage(take())
     while staged is not None:
         compute = torch.cuda.current_stream(device)
         compute.wait_stream(copy_stream)
         for value in staged.values():
             if isinstance(value, torch.Tensor):
                 value.record_stream(compute)
-        current = staged
-        upcoming = next(batches, None)
-        staged = stage(upcoming) if upcoming is not None else None
+        current, staged = staged, stage(take())
         yield current
 
 

@@ -21,22 +21,25 @@ manifest before any byte is read:
   epoch, rank, lane) decides the emission order; it is simulated on sample positions
   first, so the reader holds at most that many raw samples and a resumed run knows what
   to skip without reading it.
-- **Batches.** A lane makes ``floor(usable / B)`` full local batches of consecutive
-  emitted samples; a rank's batches are its lanes' batches taken round-robin, skipping
-  lanes that ran out: the order in which a DataLoader takes batches from its workers.
+- **Batches.** Workers ship a local batch of ``B`` in ``pieces`` equal pieces of
+  ``P = B / pieces`` samples (bounding the memory in flight, as the indexed feed does;
+  ``pieces`` = 1 for small batches), which the training loop joins on the device. A lane
+  makes ``floor(usable / P)`` pieces of consecutive emitted samples; a rank's pieces are
+  its lanes' pieces taken round-robin, skipping lanes that ran out (the order in which a
+  DataLoader takes items from its workers), and every ``pieces`` consecutive ones are a batch.
 - **Equal steps.** Every rank does ``steps_per_epoch`` steps per epoch: the fewest full
   batches any rank can make in any epoch of the run (from the counts; the loss gathers
   over ranks, so all must step together). An epoch therefore shows every usable sample at
-  most once; what does not make it (fewer than ``B`` samples per lane, plus what a rank
-  holds beyond the poorest rank in the poorest epoch) is left out of that epoch only: the
-  next epoch's shard order puts other samples there.
+  most once; what does not make it (fewer than ``P`` samples per lane, the last partial
+  batch, and what a rank holds beyond the poorest rank in the poorest epoch) is left out
+  of that epoch only: the next epoch's shard order puts other samples there.
 
-Resume: step ``s`` is ``(epoch, k) = divmod(s, steps_per_epoch)``; how many batches the
-first ``k`` took from each lane follows from the lanes' batch counts, so each lane skips
-that many batches of its emission order without decoding them (reading starts at the shard
-holding its oldest sample still to come). Nothing but the step is recorded: a resumed run
-yields exactly the batches of an uninterrupted one, given the same ranks, workers, batch
-and buffer (``ShardStream.shape``, which a resume must match).
+Resume: step ``s`` is ``(epoch, k) = divmod(s, steps_per_epoch)``; how many pieces the
+first ``k`` steps took from each lane follows from the lanes' piece counts, so each lane
+skips that many pieces of its emission order without decoding them (reading starts at the
+shard holding its oldest sample still to come). Nothing but the step is recorded: a resumed
+run yields exactly the batches of an uninterrupted one, given the same ranks, workers,
+batch, pieces and buffer (``ShardStream.shape``, which a resume must match).
 
 Samples are made by :class:`rdkd.training.PairBuilder` from ``sample_rng(seed, epoch,
 entry)``, ``entry`` being the sample's dataset entry number (its cache shard's entry range
@@ -191,7 +194,8 @@ class ShardStream:
     """One rank's stream of local batches over the epochs (see the module docstring)."""
 
     def __init__(self, layout: StreamLayout, builder: PairBuilder, batch_size: int, seed: int,
-                 rank: int, world: int, workers: int, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+                 rank: int, world: int, workers: int, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 pieces: int = 1):
         if shuffle_buffer < 1:
             raise UserError("--shuffle-buffer must be at least 1")
         self.layout = layout
@@ -202,6 +206,9 @@ class ShardStream:
         self.workers = workers
         self.lanes = max(1, workers)
         self.shuffle_buffer = shuffle_buffer
+        # equal pieces: the fewest that divide the batch, at least as many as asked
+        self.pieces = next(d for d in range(max(1, min(pieces, batch_size)), batch_size + 1) if batch_size % d == 0)
+        self.piece_size = batch_size // self.pieces
         manifest = builder.cache.manifest
         # the cache's own rejects (images extraction could not decode): counted once, as PairDataset does
         undecodable = int(manifest["counts"]["rejects"]) - int(manifest["dataset"].get("index_rejects", 0))
@@ -215,7 +222,7 @@ class ShardStream:
     def shape(self) -> dict:
         """What the stream's order depends on besides seed and data: a resume must match it."""
         return {"world_size": self.world, "workers": self.lanes, "local_batch": self.batch_size,
-                "shuffle_buffer": self.shuffle_buffer}
+                "piece_size": self.piece_size, "shuffle_buffer": self.shuffle_buffer}
 
     # -- the layout of an epoch (counts only) ---------------------------------------------------
 
@@ -225,13 +232,13 @@ class ShardStream:
     def lane_shards(self, epoch: int, rank: int, lane: int) -> np.ndarray:
         return self.shard_order(epoch)[rank::self.world][lane::self.lanes]
 
-    def lane_batches(self, epoch: int) -> np.ndarray:
-        """[world, lanes] full local batches each lane of each rank makes in ``epoch``."""
+    def lane_pieces(self, epoch: int) -> np.ndarray:
+        """[world, lanes] full pieces each lane of each rank makes in ``epoch``."""
         order = self.shard_order(epoch)
         i = np.arange(len(order))
         lane_id = (i % self.world) * self.lanes + (i // self.world) % self.lanes
         usable = np.bincount(lane_id, weights=self.layout.counts[order], minlength=self.world * self.lanes)
-        return (usable.astype(np.int64) // self.batch_size).reshape(self.world, self.lanes)
+        return (usable.astype(np.int64) // self.piece_size).reshape(self.world, self.lanes)
 
     def steps_per_epoch(self, epochs: int | None = None, steps: int | None = None) -> int:
         """Steps every rank does per epoch: the fewest full batches a rank makes in any epoch
@@ -239,7 +246,7 @@ class ShardStream:
         fewest = None
         epoch = 0
         while True:
-            made = int(self.lane_batches(epoch).sum(axis=1).min())
+            made = int(self.lane_pieces(epoch).sum(axis=1).min()) // self.pieces
             fewest = made if fewest is None else min(fewest, made)
             if fewest == 0:
                 raise UserError(
@@ -254,38 +261,39 @@ class ShardStream:
     # -- batches ------------------------------------------------------------------------------
 
     def batches(self, start_step: int, steps_per_epoch: int, **loader_options: Any) -> Iterator[dict]:
-        """Local batches from ``start_step`` on, endlessly: per epoch a DataLoader over
-        :class:`EpochStream` whose workers are the lanes, stopped after
+        """Pieces of local batches from ``start_step`` on, endlessly (``pieces`` consecutive
+        ones make a batch: :func:`rdkd.runtime.device_batches` joins them): per epoch a
+        DataLoader over :class:`EpochStream` whose workers are the lanes, stopped after
         ``steps_per_epoch`` batches."""
         epoch, step = divmod(start_step, steps_per_epoch)
-        batches = self._epoch_loader(epoch, step, loader_options)
+        items = self._epoch_loader(epoch, step * self.pieces, loader_options)
         while True:
-            for k in range(step, steps_per_epoch):
+            for k in range(step * self.pieces, steps_per_epoch * self.pieces):
                 try:
-                    batch = next(batches, None)
+                    piece = next(items, None)
                 except UserError as err:  # raised in a worker: DataLoader adds its traceback
                     raise UserError(_last_line(str(err))) from None
-                if batch is None:
+                if piece is None:
                     raise UserError(f"rank {self.rank}'s stream ended before step {steps_per_epoch} of epoch {epoch}")
-                if k == steps_per_epoch - 1:  # the next epoch's workers fill their buffers while this batch trains
+                if k == steps_per_epoch * self.pieces - 1:  # the next epoch's workers start while this trains
                     upcoming = self._epoch_loader(epoch + 1, 0, loader_options)
-                yield batch
-            batches, epoch, step = upcoming, epoch + 1, 0  # dropping the iterator ends its workers
+                yield piece
+            items, epoch, step = upcoming, epoch + 1, 0  # dropping the iterator ends its workers
 
-    def _epoch_loader(self, epoch: int, step: int, loader_options: dict) -> Iterator[dict]:
-        """A DataLoader iterator over ``epoch`` from its ``step``-th batch on."""
-        taken, next_lane = round_robin(self.lane_batches(epoch)[self.rank].tolist(), step)
+    def _epoch_loader(self, epoch: int, piece: int, loader_options: dict) -> Iterator[dict]:
+        """A DataLoader iterator over ``epoch`` from its ``piece``-th piece on."""
+        taken, next_lane = round_robin(self.lane_pieces(epoch)[self.rank].tolist(), piece)
         return iter(torch.utils.data.DataLoader(EpochStream(self, epoch, taken, next_lane), batch_size=None,
                                                 num_workers=self.workers, **loader_options))
 
     def lane(self, epoch: int, lane: int, skip: int) -> Iterator[dict]:
-        """The full batches of one lane in ``epoch``, after its first ``skip``."""
+        """The full pieces of one lane in ``epoch``, after its first ``skip``."""
         shards = self.lane_shards(epoch, self.rank, lane)
         counts = self.layout.counts[shards]
         n = int(counts.sum())
         rng = np.random.default_rng([self.seed, epoch, _SHUFFLE, self.rank, lane])
-        B = self.batch_size
-        order = emission_order(n, self.shuffle_buffer, rng)[skip * B:(n // B) * B]
+        P = self.piece_size
+        order = emission_order(n, self.shuffle_buffer, rng)[skip * P:(n // P) * P]
         if len(order) == 0:
             return
         wanted = np.zeros(n, dtype=bool)
@@ -295,9 +303,9 @@ class ShardStream:
         samples = (found for j, start in zip(shards[first:].tolist(), starts[first:-1].tolist())
                    for found in self._read_shard(j, int(start), wanted))
         held: dict[int, tuple] = {}
-        for b in range(len(order) // B):
+        for b in range(len(order) // P):
             raws = []
-            for position in order[b * B:(b + 1) * B].tolist():
+            for position in order[b * P:(b + 1) * P].tolist():
                 while position not in held:
                     found = next(samples, None)
                     if found is None:
@@ -305,11 +313,11 @@ class ShardStream:
                                         f"their cached samples did")
                     held[found[0]] = found[1]
                 raws.append(held.pop(position))
-            yield self._batch(epoch, raws)
+            yield self._piece(epoch, raws)
 
-    def _batch(self, epoch: int, raws: list[tuple]) -> dict:
-        """A local batch of raw samples; an undecodable image's slot takes the batch's next
-        decodable sample (so the batch keeps its size and the stream its boundaries)."""
+    def _piece(self, epoch: int, raws: list[tuple]) -> dict:
+        """A piece of raw samples; an undecodable image's slot takes the piece's next
+        decodable sample (so the piece keeps its size and the stream its boundaries)."""
         made, skipped = [], []
         for key, index, captions, data, rows in raws:
             try:
@@ -318,7 +326,7 @@ class ShardStream:
                 skipped.append((key, err.reason))
                 made.append(None)
         if not any(made):
-            raise UserError(f"every image of a batch failed to decode (last: {skipped[-1][0]}: "
+            raise UserError(f"every image of a batch piece failed to decode (last: {skipped[-1][0]}: "
                             f"{skipped[-1][1]}); check the dataset")
         good = [i for i, sample in enumerate(made) if sample is not None]
         filled = [made[min(good, key=lambda j: (j - i) % len(made))] for i in range(len(made))]
@@ -415,8 +423,8 @@ class _CacheShardRef:
 
 class EpochStream(torch.utils.data.IterableDataset):
     """One epoch of a rank's stream for a DataLoader: worker ``i`` serves lane
-    ``(first_lane + i) % lanes`` from its ``taken[lane]``-th batch on, so the DataLoader's
-    round-robin over workers yields the rank's batches in order."""
+    ``(first_lane + i) % lanes`` from its ``taken[lane]``-th piece on, so the DataLoader's
+    round-robin over workers yields the rank's pieces in order."""
 
     def __init__(self, stream: ShardStream, epoch: int, taken: list[int], first_lane: int):
         self.stream, self.epoch, self.taken, self.first_lane = stream, epoch, taken, first_lane

@@ -19,6 +19,7 @@ or interruptions give the same samples.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -315,17 +316,27 @@ def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Local batches of ``(epoch, position)`` items: shuffled with seed + epoch and sharded
     over ``world`` ranks by torch's DistributedSampler, incomplete batches dropped (every
-    step sees a full global batch). Iteration runs from ``start`` = (epoch, step in epoch)."""
+    step sees a full global batch). Iteration runs from ``start`` = (epoch, step in epoch).
+
+    With ``chunks`` > 1 iteration yields each batch as that many consecutive pieces (sizes
+    differing by at most one): DataLoader workers then build pieces, and the memory in
+    flight is workers x prefetch x a piece, not x a batch; :func:`rdkd.runtime.device_batches`
+    joins the pieces of a step on the device.
+    """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1, start: tuple[int, int] = (0, 0)):
+                 world: int = 1, start: tuple[int, int] = (0, 0), chunks: int = 1):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world = world
         self.start = start
-        self.steps_per_epoch = math.ceil(num_samples / world) // batch_size
+        self.chunks = max(1, min(chunks, batch_size))
+        # Full global batches only: DistributedSampler pads a shard by repeating entries when
+        # the world does not divide the entries; counting per rank (ceil(n / world) // batch)
+        # would let those repeats into a step and give another world size another epoch.
+        self.steps_per_epoch = num_samples // (world * batch_size)
         if self.steps_per_epoch == 0:
             raise UserError(f"the global batch ({batch_size * world}) is larger than the "
                             f"{num_samples} usable samples")
@@ -341,7 +352,9 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, step = self.start
         while True:
-            yield from self.epoch_batches(epoch)[step:]
+            for batch in self.epoch_batches(epoch)[step:]:
+                bounds = np.linspace(0, len(batch), self.chunks + 1).round().astype(int)
+                yield from (batch[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
             epoch, step = epoch + 1, 0
 
     def __len__(self) -> int:  # an endless stream; the training loop counts steps
@@ -436,41 +449,57 @@ def load_checkpoint(path: Path) -> dict:
 class TeacherForwardCounter:
     """Counts calls of open_clip models outside the trained ones (student, loss module).
 
-    While active, global module hooks see every module call in the process. Training from a
-    cache runs no open_clip model but the student, so any outermost call of another one (a
-    teacher's forward, or the tower that its ``encode_image`` / ``encode_text`` runs) is
-    counted; a run that never touches a teacher ends with zero.
+    While active, the ``forward`` of every open_clip module class (models, towers, blocks:
+    the classes of the ``open_clip`` modules imported when it starts) is wrapped; a call
+    on a module that is not part of the trained ones is counted when it is outermost (a
+    teacher's forward, or the tower that its ``encode_image`` / ``encode_text`` runs).
+    Training from a cache runs no open_clip model but the student, so a run that never
+    touches a teacher ends with zero. A wrapped class costs the trained modules one set
+    look-up per call; torch's own modules (Linear, LayerNorm, ...) are not touched, unlike
+    global module hooks, which would put every module call of every step on the slow path.
     """
 
     def __init__(self, *trained: torch.nn.Module):
         self.count = 0
         self._trained = {id(m) for module in trained for m in module.modules()}
         self._depth = 0
-        self._handles: list = []
+        self._patched: list[tuple[type, Callable]] = []
 
-    def _foreign(self, module: torch.nn.Module) -> bool:
-        # open_clip's models and towers only: torchvision transforms are modules too
-        return type(module).__module__.startswith("open_clip") and id(module) not in self._trained
+    def _wrap(self, original: Callable) -> Callable:
+        counter = self
 
-    def _before(self, module: torch.nn.Module, args: Any) -> None:
-        if self._foreign(module):
-            if self._depth == 0:
-                self.count += 1
-            self._depth += 1
+        @functools.wraps(original)
+        def forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if id(module) in counter._trained:
+                return original(module, *args, **kwargs)
+            counter.count += counter._depth == 0
+            counter._depth += 1
+            try:
+                return original(module, *args, **kwargs)
+            finally:
+                counter._depth -= 1
 
-    def _after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self._foreign(module):
-            self._depth -= 1
+        return forward
 
     def __enter__(self) -> "TeacherForwardCounter":
-        hooks = torch.nn.modules.module
-        self._handles = [hooks.register_module_forward_pre_hook(self._before),
-                         hooks.register_module_forward_hook(self._after)]
+        import sys
+
+        import open_clip  # noqa: F401 (its model classes are what is counted)
+
+        classes = {cls for name, module in list(sys.modules.items())
+                   if name == "open_clip" or name.startswith("open_clip.")
+                   for cls in vars(module).values()
+                   if isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+                   and cls.__module__.startswith("open_clip") and "forward" in vars(cls)}
+        for cls in classes:
+            self._patched.append((cls, cls.forward))
+            cls.forward = self._wrap(cls.forward)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for cls, original in reversed(self._patched):
+            cls.forward = original
+        self._patched = []
 
 
 class LogWindow:

@@ -49,7 +49,7 @@ from rdkd.errors import UserError
 
 WORLD_FILE = "world.json"
 WORLD_FORMAT_VERSION = 1
-CSV_CHUNK = 1000  # samples per job for CSV splits and zero-shot tasks
+CSV_CHUNK = 250  # samples per job for CSV splits and zero-shot tasks (small: balanced over many workers)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,7 +75,9 @@ DEFAULT_ARTIFACTS = Path("artifacts")
 FULL_VERIFY_MAX_BYTES = 2 << 30
 # Decode failures recorded by key in logs/skipped.jsonl (all are counted in run.json).
 MAX_SKIPPED_RECORDS = 10_000
-# Finished batches the DataLoader workers of one process may hold ready, in bytes.
+# DataLoader workers build local batches in pieces of at most this many bytes, and may hold
+# this many bytes of finished pieces ready, per process.
+PIECE_BYTES = 32 << 20
 PREFETCH_BUDGET_BYTES = 2 << 30
 # Settings that shape the trajectory: a resumed run must agree on all of them (the config's
 # and what they resolved to on this data).
@@ -220,7 +222,8 @@ def train_student(data: Any, student: str, loss: str = "cliprd", cache: str | Pa
             window.load_state_dict(run.resume_state["log_window"])
         if run.dist.is_main:
             log = MetricsLog(run.log_dir, resume_step=progress.resumed_from)
-        batches = runtime.device_batches(_loader(run, progress.step), run.device)
+        loader, pieces = _loader(run, progress.step)
+        batches = runtime.device_batches(loader, run.device, pieces)
         total = run.plan.total_steps
         timer = _IntervalTimer(progress.step)
         run.model.train()
@@ -340,9 +343,10 @@ def setup(config: TrainConfig) -> Run:
                                             dist.rank, dist.world_size).steps_per_epoch
         samples, fingerprint = len(pairs), dataset.fingerprint
     else:  # the cache vouches for the data; the stream checks each sample's key and captions against it
+        pieces = math.ceil(local_batch * _sample_bytes(image_cfg, built.model_config, teacher_dim) / PIECE_BYTES)
         pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, cache),
                                       local_batch, config.seed, dist.rank, dist.world_size, config.workers,
-                                      config.shuffle_buffer)
+                                      config.shuffle_buffer, pieces=pieces)
         steps_per_epoch = pairs.steps_per_epoch(epochs=config.epochs, steps=config.steps)
         samples, fingerprint = layout.samples, cache.dataset_fingerprint
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
@@ -406,22 +410,36 @@ def restore(run: Run) -> Progress:
     return progress
 
 
-def _loader(run: Run, start_step: int) -> Iterable[dict]:
-    """Workers build whole local batches (sampler yields a batch's items, batch_size=None;
-    streaming: each worker reads its own shards); their prefetch is sized by the bytes of a batch."""
+def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
+    """(the loader, pieces per batch). Workers build pieces of local batches of at most
+    ``PIECE_BYTES`` (the sampler yields a piece's items, batch_size=None; streaming: each
+    worker reads its own shards), their prefetch sized by bytes: what is in flight does not
+    grow with the batch size."""
     local = run.config.batch_size // run.dist.world_size
-    height, width = run.pairs.image_cfg.size
-    context = run.model_config.get("text_cfg", {}).get("context_length", 77)
-    row_bytes = 2 * (run.plan.teacher_dim or 0) * 4
-    batch_bytes = local * (3 * height * width + 8 * context + row_bytes)
+    sample_bytes = _sample_bytes(run.pairs.image_cfg, run.model_config, run.plan.teacher_dim)
     workers = run.config.workers
-    options = dict(pin_memory=run.device.type == "cuda",
-                   prefetch_factor=runtime.prefetch_factor(batch_bytes, workers, PREFETCH_BUDGET_BYTES))
     if isinstance(run.pairs, streaming.ShardStream):
-        return run.pairs.batches(start_step, run.plan.steps_per_epoch, **options)
+        stream = run.pairs
+        loader = stream.batches(start_step, run.plan.steps_per_epoch, pin_memory=run.device.type == "cuda",
+                                prefetch_factor=runtime.prefetch_factor(stream.piece_size * sample_bytes, workers,
+                                                                        PREFETCH_BUDGET_BYTES))
+        return loader, stream.pieces
+    pieces = math.ceil(local * sample_bytes / PIECE_BYTES)
     sampler = EpochBatchSampler(len(run.pairs), local, run.config.seed, run.dist.rank, run.dist.world_size,
-                                start=divmod(start_step, run.plan.steps_per_epoch))
-    return torch.utils.data.DataLoader(run.pairs, sampler=sampler, batch_size=None, num_workers=workers, **options)
+                                start=divmod(start_step, run.plan.steps_per_epoch), chunks=pieces)
+    loader = torch.utils.data.DataLoader(
+        run.pairs, sampler=sampler, batch_size=None, num_workers=workers,
+        pin_memory=run.device.type == "cuda",
+        prefetch_factor=runtime.prefetch_factor(math.ceil(local / sampler.chunks) * sample_bytes, workers,
+                                                PREFETCH_BUDGET_BYTES))
+    return loader, sampler.chunks
+
+
+def _sample_bytes(image_cfg: ImageCfg, model_config: dict, teacher_dim: int | None) -> int:
+    """Bytes of one sample as the workers ship it: uint8 image, tokens, two teacher rows."""
+    height, width = image_cfg.size
+    context = model_config.get("text_cfg", {}).get("context_length", 77)
+    return 3 * height * width + 8 * context + 2 * (teacher_dim or 0) * 4
 
 
 # --- log, checkpoint, finish ---------------------------------------------------------------------

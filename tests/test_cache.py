@@ -216,7 +216,6 @@ def _anonymous_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def _file_rss_bytes() -> int:
     """File-backed resident memory (mapped pages) of this process."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -225,6 +224,7 @@ def _file_rss_bytes() -> int:
     pytest.skip("no RssFile in /proc/self/status")
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads its memory from /proc")
 def test_reader_memory_does_not_grow_with_cache_size(tmp_path):
     # 128 MiB of embeddings; opening, looking up and gathering rows must not copy them in,
     # nor fault in the mapped pages around each row (rows are read with pread).

@@ -188,9 +188,13 @@ def test_vrd_text_side_is_a_detached_target(batch):
     want = torch.autograd.grad(ref_vrd_ce(ti, tt, pi, pt, ai, at), (pt, at))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL)
-    # and the KL part does move P_I (the test would not notice a missing KL otherwise)
-    kl_grad = torch.autograd.grad(ref_vrd_kl(ti, tt, pi, pt, ai, at), pi)[0]
-    assert kl_grad.abs().max() > 1e-3
+    # and the KL part of vrd does move P_I (a vrd without its KL would pass the check above):
+    # the product's P_I gradient is the CE part's plus the KL part's, and the latter is not small
+    got_pi = torch.autograd.grad(losses.vrd(ti, tt, pi, pt, ai, at), pi)[0]
+    ce_pi = torch.autograd.grad(ref_vrd_ce(ti, tt, pi, pt, ai, at), pi)[0]
+    kl_pi = torch.autograd.grad(ref_vrd_kl(ti, tt, pi, pt, ai, at), pi)[0]
+    torch.testing.assert_close(got_pi - ce_pi, kl_pi, **TOL)
+    assert (got_pi - ce_pi).abs().max() > 1e-3
 
 
 def test_xrd(batch):

@@ -9,6 +9,7 @@ time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ import torch
 
 import builders
 from builders import run_cli
+from rdkd import runtime
 from rdkd.streaming import ShardStream, emission_order, round_robin
 
 TINY_VIT = {
@@ -66,7 +68,8 @@ def tiny_vit(tmp_path_factory) -> str:
     return str(path)
 
 
-def _stream(stream_data, stream_cache, tiny_vit, batch, rank=0, world=1, workers=0, buffer=5) -> ShardStream:
+def _stream(stream_data, stream_cache, tiny_vit, batch, rank=0, world=1, workers=0, buffer=5,
+            pieces=1) -> ShardStream:
     from rdkd.cache import TeacherCache
     from rdkd.models import create_student
     from rdkd.streaming import streaming_layout
@@ -76,7 +79,7 @@ def _stream(stream_data, stream_cache, tiny_vit, batch, rank=0, world=1, workers
     student = create_student(tiny_vit)
     builder = PairBuilder(student.tokenizer, ImageCfg.of_model(student.model), seed=3, cache=cache)
     return ShardStream(streaming_layout(True, stream_data, cache), builder, batch, seed=3, rank=rank,
-                       world=world, workers=workers, shuffle_buffer=buffer)
+                       world=world, workers=workers, shuffle_buffer=buffer, pieces=pieces)
 
 
 def _free_port() -> int:
@@ -128,6 +131,20 @@ def test_auto_streams_big_webdataset_data_with_an_aligned_cache(monkeypatch, str
     assert layout.counts.tolist() == [6, 6, 5, 6, 6, 6, 6, 6] and layout.samples == 47
     assert streaming.streaming_layout(None, csv_dataset, cache) is None  # not webdataset
     assert streaming.streaming_layout(None, stream_data, None) is None  # no cache
+
+
+def test_batches_come_in_equal_pieces_that_divide_them(stream_data, stream_cache, tiny_vit):
+    """Pieces: the fewest equal ones that divide the local batch, at least as many as asked;
+    a lane's pieces hold consecutive samples of its order, so 2 pieces of 2 are a batch of 4."""
+    sizes = [(_stream(stream_data, stream_cache, tiny_vit, batch=12, pieces=p).piece_size) for p in (1, 5, 20)]
+    assert sizes == [12, 2, 1]
+    whole = _stream(stream_data, stream_cache, tiny_vit, batch=4)
+    halves = _stream(stream_data, stream_cache, tiny_vit, batch=4, pieces=2)
+    assert whole.steps_per_epoch(epochs=1) == halves.steps_per_epoch(epochs=1) == 11
+    pieces = halves.batches(0, 11)
+    for batch in itertools.islice(whole.batches(0, 11), 11):
+        joined = runtime.join_batches([next(pieces), next(pieces)])
+        assert torch.equal(batch["index"], joined["index"]) and torch.equal(batch["image"], joined["image"])
 
 
 # --- one epoch, every usable sample once --------------------------------------------------------
@@ -222,6 +239,7 @@ import os, signal, sys, torch
 torch.set_num_threads(1)
 import rdkd.stages.train_student as stage
 from rdkd.data import DataSpec
+stage.PIECE_BYTES = 8000  # a tiny sample is 3,456 bytes: local batches of 4 come in 2 pieces
 kill_at = int(sys.argv[2])
 real_save = stage.save_checkpoint
 def save(path, state):
@@ -237,9 +255,9 @@ stage.train_student(DataSpec({data!r}), {student!r}, "cliprd", {cache!r}, stream
 
 
 def test_stream_trains_end_to_end_and_a_sigkilled_run_resumes_exactly(tmp_path, stream_data, stream_cache, tiny_vit):
-    """14 steps of 4 (11 steps per epoch: the run crosses an epoch) straight, and SIGKILLed
-    right after its step-6 checkpoint then resumed: the same weights, optimizer state
-    and losses."""
+    """14 steps of 4, each batch shipped in 2 pieces (11 steps per epoch: the run crosses an
+    epoch) straight, and SIGKILLed right after its step-6 checkpoint then resumed: the same
+    weights, optimizer state and losses."""
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT.format(data=stream_data.path, student=tiny_vit, cache=str(stream_cache)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -257,7 +275,7 @@ def test_stream_trains_end_to_end_and_a_sigkilled_run_resumes_exactly(tmp_path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run = json.loads((straight / "run.json").read_text())
-    assert run["stream"] == {"world_size": 1, "workers": 2, "local_batch": 4, "shuffle_buffer": 5}
+    assert run["stream"] == {"world_size": 1, "workers": 2, "local_batch": 4, "piece_size": 2, "shuffle_buffer": 5}
     assert run["steps_per_epoch"] == 11 and run["samples"] == 47 and run["teacher_forwards"] == 0
     assert run["skipped"] == {"rejected by the cache": 1} and np.isfinite(run["final_loss"])
     assert json.loads((killed / "run.json").read_text())["resumed_from_step"] == 6
