@@ -291,6 +291,28 @@ def test_stream_trains_end_to_end_and_a_sigkilled_run_resumes_exactly(tmp_path, 
     assert len(losses[0]) == 14 and losses[0] == losses[1]
 
 
+@pytest.mark.slow
+def test_two_processes_stream_train_through_an_epoch_end(tmp_path, stream_data, stream_cache, tiny_vit):
+    """torchrun, 2 gloo processes, 2 workers each, local batch 2: the ranks step together
+    across the epoch boundary (a rank that stepped more would hang the gather) and finish."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from rdkd.data import DataSpec\n"
+        "from rdkd.stages.train_student import train_student\n"
+        f"train_student(DataSpec({stream_data.path!r}), {tiny_vit!r}, 'cliprd', {str(stream_cache)!r}, stream=True,\n"
+        "    steps=13, batch_size=4, workers=2, progress=False, lr=2e-3, warmup=1, device='cpu', out=sys.argv[1])\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(script), str(tmp_path / "run")],
+        timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["steps"] == 13 and run["steps_per_epoch"] == 11
+    assert run["stream"]["world_size"] == 2 and np.isfinite(run["final_loss"])
+
+
 def test_resume_with_another_stream_shape_is_refused(tmp_path, capsys, stream_data, stream_cache, tiny_vit):
     args = ["train-student", "--data", stream_data.path, "--cache", str(stream_cache), "--student", tiny_vit,
             "--stream", "--steps", "2", "--batch-size", "4", "--workers", "0", "--no-progress", "--device", "cpu"]
