@@ -149,6 +149,8 @@ def train_student_command(
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Where metrics.jsonl, TensorBoard events and skipped.jsonl go (default <out>/logs)."),
     compile_student: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the student (see BENCHMARKS.md for when it pays)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read webdataset shards in order beside their cache shards instead of indexing the dataset (no global index in memory). Default: stream webdataset data of more than 2M entries with a shard-aligned cache."),
+    shuffle_buffer: int = typer.Option(2000, "--shuffle-buffer", min=1, help="Streaming: raw samples each DataLoader worker holds to shuffle."),
 ) -> None:
     """Train a student from the cached teacher embeddings (the teacher is never run)."""
     from rdkd.stages.train_student import train_student
@@ -160,6 +162,7 @@ def train_student_command(
         precision=precision, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, out=out, verify_cache=verify_cache,
         log_every=log_every, log_dir=log_dir, compile=compile_student, progress=progress,
+        stream=stream, shuffle_buffer=shuffle_buffer,
     )
     final = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
     print(f"trained {summary['student']} with {summary['method']} for {summary['steps']} steps "

@@ -84,37 +84,26 @@ class ImageCfg:
                 "interpolation": self.interpolation, "resize_mode": self.resize_mode}
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """(image, caption) training pairs of a dataset, joined by key with a teacher cache.
+class PairBuilder:
+    """Makes training samples and local batches from what a reader found: the image bytes,
+    the captions and the cache rows of one sample. Shared by :class:`PairDataset` (an
+    index) and :mod:`rdkd.streaming` (tar shards read in order), so that both draw the same
+    view and caption for the same sample in the same epoch.
 
-    Indexed by a list of ``(epoch, position)`` items (one local batch, as
-    :class:`EpochBatchSampler` yields them; give the DataLoader ``sampler=`` and
-    ``batch_size=None``) and returns the batch as a dict: ``image`` uint8 [B, 3, H, W],
-    ``text`` tokens, ``index`` dataset entries, ``image_row`` / ``text_row`` cache rows,
-    ``t_img`` / ``t_txt`` the teacher rows in storage dtype (with a cache), ``skipped``.
-    ``position`` indexes the usable entries: dataset entries the cache holds and did not
-    reject (without a cache: every entry). An image that fails to decode is skipped: the
-    item falls back to the next usable entry and reports the skipped key with its reason.
+    Every random choice comes from ``sample_rng(seed, epoch, index)`` in a fixed order
+    (caption, then view or crop), ``index`` being the sample's dataset entry. View 0 of a
+    cache is the teacher's open_clip eval view; the student's own eval transform shows the
+    same region when both resize the same way, so it replays it exactly (at the student's
+    size). Other views: the recorded crop box and flip. Without a cache: open_clip's train
+    transform with CLIP-KD's crop scale.
     """
 
-    def __init__(self, data: Any, tokenizer: Callable, image_cfg: ImageCfg, seed: int,
-                 cache: Any = None, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE):
-        self.data = data
+    def __init__(self, tokenizer: Callable, image_cfg: ImageCfg, seed: int, cache: Any = None,
+                 crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE):
         self.tokenizer = tokenizer
         self.image_cfg = image_cfg
         self.seed = int(seed)
         self.cache = cache
-        self.skipped_at_join: dict[str, int] = {}
-        if cache is None:
-            self.entries = np.arange(len(data), dtype=np.int64)
-            self.image_rows = self.text_rows = None
-        else:
-            self._join(data, cache)
-        if len(self.entries) == 0:
-            raise UserError("no usable training samples: the dataset is empty or every entry was rejected")
-        # View 0 of a cache is the teacher's open_clip eval view; the student's own eval
-        # transform shows the same region when both resize the same way, so it replays it
-        # exactly (at the student's size). Other views: the recorded crop box and flip.
         self._eval_view0 = cache is not None and (
             cache.manifest.get("preprocess", {}).get("resize_mode") or "shortest") == image_cfg.resize_mode
         # Built lazily (and per worker): open_clip's train and eval transforms with the
@@ -123,34 +112,6 @@ class PairDataset(torch.utils.data.Dataset):
         self._augment = None
         self._eval = None
         self._to_uint8 = None
-
-    def _join(self, data: Any, cache: Any) -> None:
-        """Rows of every usable entry, as flat arrays (no per-entry Python objects: a
-        CC12M-size join stays a few hundred MB)."""
-        rejected = set(cache.rejected_keys)
-        entries, img_start, img_count, txt_start, txt_count = [], [], [], [], []
-        for i, key in enumerate(data.keys):
-            if key in rejected:
-                self._count_join_skip("rejected by the cache")
-                continue
-            found = cache.find(key)
-            if found is None:
-                self._count_join_skip("not in the cache")
-                continue
-            entries.append(i)
-            img_start.append(found.image_rows.start)
-            img_count.append(len(found.image_rows))
-            txt_start.append(found.text_rows.start)
-            txt_count.append(len(found.text_rows))
-        self.entries = np.asarray(entries, dtype=np.int64)
-        self.image_rows = (np.asarray(img_start, dtype=np.int64), np.asarray(img_count, dtype=np.int32))
-        self.text_rows = (np.asarray(txt_start, dtype=np.int64), np.asarray(txt_count, dtype=np.int32))
-
-    def _count_join_skip(self, reason: str) -> None:
-        self.skipped_at_join[reason] = self.skipped_at_join.get(reason, 0) + 1
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
     def __getstate__(self) -> dict:
         """Picklable for spawn/forkserver DataLoader workers: the memory-mapped cache is
@@ -169,61 +130,25 @@ class PairDataset(torch.utils.data.Dataset):
 
             self.cache = TeacherCache.open(root)
 
-    def __getitem__(self, items: Sequence[tuple[int, int]]) -> dict:
-        """One local batch, built in a DataLoader worker (see the class docstring)."""
-        height, width = self.image_cfg.size
-        images = _batch_buffer((len(items), 3, height, width), torch.uint8)
-        texts, index, image_row, text_row, skipped = [], [], [], [], []
-        for i, (epoch, position) in enumerate(items):
-            sample = self.sample(epoch, position)
-            images[i] = sample["image"]
-            texts.append(sample["text"])
-            index.append(sample["index"])
-            image_row.append(sample["image_row"])
-            text_row.append(sample["text_row"])
-            skipped += sample["skipped"]
-        batch = {"image": images, "text": torch.stack(texts), "index": torch.tensor(index),
-                 "image_row": torch.tensor(image_row), "text_row": torch.tensor(text_row),
-                 "skipped": skipped}
-        if self.cache is not None:
-            batch["t_img"] = self.cache.image_embeddings(batch["image_row"].numpy(), stored=True)
-            batch["t_txt"] = self.cache.text_embeddings(batch["text_row"].numpy(), stored=True)
-        return batch
-
-    def sample(self, epoch: int, position: int) -> dict:
-        """Item ``position`` of ``epoch``: uint8 image, tokens, dataset index, cache rows
-        (-1 without a cache) and the (key, reason) of images skipped on the way."""
-        skipped = []
-        for attempt in range(MAX_CONSECUTIVE_BAD_SAMPLES):
-            pos = (position + attempt) % len(self.entries)
-            try:
-                sample = self._load(epoch, pos)
-            except SampleError as err:
-                index = int(self.entries[pos])
-                skipped.append((self.data.keys[index], err.reason))
-                continue
-            sample["skipped"] = skipped
-            return sample
-        raise UserError(f"{MAX_CONSECUTIVE_BAD_SAMPLES} images in a row failed to decode "
-                        f"(last: {skipped[-1][0]}: {skipped[-1][1]}); check the dataset")
-
-    def _load(self, epoch: int, pos: int) -> dict:
+    def sample(self, epoch: int, index: int, captions: Sequence[str], image_bytes: bytes,
+               rows: tuple[int, int, int] | None = None) -> dict:
+        """One sample: uint8 image, tokens, ``index``, cache rows (-1 without a cache).
+        ``rows``: (first image row, view rows, first caption row) of the sample in the
+        cache. Raises :class:`SampleError` when the image does not decode."""
         from rdkd.cache.views import render_view
         from rdkd.data import decode_image
 
-        index = int(self.entries[pos])
         rng = sample_rng(self.seed, epoch, index)
-        captions = self.data.captions(index)
         caption_choice = int(rng.integers(len(captions)))
-        image = decode_image(self.data.read_image_bytes(index))
-        if self.cache is None:
+        image = decode_image(image_bytes)
+        if rows is None:
             pixels = self._augmented(image, int(rng.integers(2**63 - 1)))
             image_row = text_row = -1
         else:
-            start, count = self.image_rows[0][pos], self.image_rows[1][pos]
+            start, count, text_start = rows
             view = int(rng.integers(count))
             image_row = int(start + view)
-            text_row = int(self.text_rows[0][pos] + caption_choice)
+            text_row = int(text_start + caption_choice)
             if view == 0 and self._eval_view0:
                 pixels = self._evaluated(image)
             else:
@@ -233,6 +158,27 @@ class PairDataset(torch.utils.data.Dataset):
         text = self.tokenizer([captions[caption_choice]])[0]
         return {"image": pixels, "text": text, "index": index,
                 "image_row": image_row, "text_row": text_row}
+
+    def collate(self, samples: Sequence[dict], skipped: list[tuple[str, str]]) -> dict:
+        """A local batch (the format of the module docstring) with the teacher rows of
+        exactly its views and captions: one read per batch, in storage dtype. The images go
+        into one buffer, in shared memory inside a DataLoader worker (no copy on hand-over)."""
+        height, width = self.image_cfg.size
+        images = _batch_buffer((len(samples), 3, height, width), torch.uint8)
+        for i, sample in enumerate(samples):
+            images[i] = sample["image"]
+        batch = {
+            "image": images,
+            "text": torch.stack([s["text"] for s in samples]),
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+            "image_row": torch.tensor([s["image_row"] for s in samples], dtype=torch.int64),
+            "text_row": torch.tensor([s["text_row"] for s in samples], dtype=torch.int64),
+            "skipped": skipped,
+        }
+        if self.cache is not None:
+            batch["t_img"] = self.cache.image_embeddings(batch["image_row"].numpy(), stored=True)
+            batch["t_txt"] = self.cache.text_embeddings(batch["text_row"].numpy(), stored=True)
+        return batch
 
     def _augmented(self, image: Image.Image, torch_seed: int) -> torch.Tensor:
         """open_clip's train transform (up to uint8), its torch RNG seeded from the sample's own stream."""
@@ -264,6 +210,96 @@ class PairDataset(torch.utils.data.Dataset):
 
             self._to_uint8 = transforms.PILToTensor()
         return self._to_uint8(view)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(image, caption) training pairs of a dataset, joined by key with a teacher cache.
+
+    Indexed by a list of ``(epoch, position)`` items (one local batch, as
+    :class:`EpochBatchSampler` yields them; give the DataLoader ``sampler=`` and
+    ``batch_size=None``) and returns the batch as a dict: ``image`` uint8 [B, 3, H, W],
+    ``text`` tokens, ``index`` dataset entries, ``image_row`` / ``text_row`` cache rows,
+    ``t_img`` / ``t_txt`` the teacher rows in storage dtype (with a cache), ``skipped``.
+    ``position`` indexes the usable entries: dataset entries the cache holds and did not
+    reject (without a cache: every entry). An image that fails to decode is skipped: the
+    item falls back to the next usable entry and reports the skipped key with its reason.
+    Samples are made by a :class:`PairBuilder` (``.builder``).
+    """
+
+    def __init__(self, data: Any, tokenizer: Callable, image_cfg: ImageCfg, seed: int,
+                 cache: Any = None, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE):
+        self.data = data
+        self.builder = PairBuilder(tokenizer, image_cfg, seed, cache, crop_scale)
+        self.image_cfg = image_cfg
+        self.skipped_at_join: dict[str, int] = {}
+        if cache is None:
+            self.entries = np.arange(len(data), dtype=np.int64)
+            self.image_rows = self.text_rows = None
+        else:
+            self._join(data, cache)
+        if len(self.entries) == 0:
+            raise UserError("no usable training samples: the dataset is empty or every entry was rejected")
+
+    @property
+    def cache(self) -> Any:
+        return self.builder.cache
+
+    def _join(self, data: Any, cache: Any) -> None:
+        """Rows of every usable entry, as flat arrays (no per-entry Python objects: a
+        CC12M-size join stays a few hundred MB)."""
+        rejected = set(cache.rejected_keys)
+        entries, img_start, img_count, txt_start, txt_count = [], [], [], [], []
+        for i, key in enumerate(data.keys):
+            if key in rejected:
+                self._count_join_skip("rejected by the cache")
+                continue
+            found = cache.find(key)
+            if found is None:
+                self._count_join_skip("not in the cache")
+                continue
+            entries.append(i)
+            img_start.append(found.image_rows.start)
+            img_count.append(len(found.image_rows))
+            txt_start.append(found.text_rows.start)
+            txt_count.append(len(found.text_rows))
+        self.entries = np.asarray(entries, dtype=np.int64)
+        self.image_rows = (np.asarray(img_start, dtype=np.int64), np.asarray(img_count, dtype=np.int32))
+        self.text_rows = (np.asarray(txt_start, dtype=np.int64), np.asarray(txt_count, dtype=np.int32))
+
+    def _count_join_skip(self, reason: str) -> None:
+        self.skipped_at_join[reason] = self.skipped_at_join.get(reason, 0) + 1
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, items: Sequence[tuple[int, int]]) -> dict:
+        """One local batch, built in a DataLoader worker (see the module docstring)."""
+        samples = [self.sample(epoch, position) for epoch, position in items]
+        return self.builder.collate(samples, [skip for s in samples for skip in s["skipped"]])
+
+    def sample(self, epoch: int, position: int) -> dict:
+        """Item ``position`` of ``epoch``: uint8 image, tokens, dataset index, cache rows
+        (-1 without a cache) and the (key, reason) of images skipped on the way."""
+        skipped = []
+        for attempt in range(MAX_CONSECUTIVE_BAD_SAMPLES):
+            pos = (position + attempt) % len(self.entries)
+            try:
+                sample = self._load(epoch, pos)
+            except SampleError as err:
+                index = int(self.entries[pos])
+                skipped.append((self.data.keys[index], err.reason))
+                continue
+            sample["skipped"] = skipped
+            return sample
+        raise UserError(f"{MAX_CONSECUTIVE_BAD_SAMPLES} images in a row failed to decode "
+                        f"(last: {skipped[-1][0]}: {skipped[-1][1]}); check the dataset")
+
+    def _load(self, epoch: int, pos: int) -> dict:
+        index = int(self.entries[pos])
+        rows = None
+        if self.image_rows is not None:
+            rows = (int(self.image_rows[0][pos]), int(self.image_rows[1][pos]), int(self.text_rows[0][pos]))
+        return self.builder.sample(epoch, index, self.data.captions(index), self.data.read_image_bytes(index), rows)
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -44,11 +44,11 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from rdkd import checkpoints, distributed, runtime
+from rdkd import checkpoints, distributed, runtime, streaming
 from rdkd.errors import UserError
 from rdkd.files import atomic_write
 from rdkd.training import (
@@ -57,6 +57,7 @@ from rdkd.training import (
     LogWindow,
     LossNotFinite,
     MetricsLog,
+    PairBuilder,
     PairDataset,
     TeacherForwardCounter,
     build_optimizer,
@@ -82,7 +83,7 @@ PREFETCH_BUDGET_BYTES = 2 << 30
 # and what they resolved to on this data).
 RESUME_MUST_MATCH = ("student", "method", "weights", "scale_param", "seed", "batch_size", "total_steps",
                      "lr", "weight_decay", "warmup", "grad_clip", "precision",
-                     "dataset_fingerprint", "cache_fingerprint")
+                     "dataset_fingerprint", "cache_fingerprint", "stream")
 
 
 @dataclass
@@ -97,7 +98,10 @@ class TrainConfig:
     ``steps``. ``warmup`` defaults to CLIP-KD's 10k steps, capped at a tenth of a shorter
     run. ``resume``: a checkpoint file, or a run folder / its ``checkpoints`` folder (latest
     checkpoint). ``log_every``: steps per log record (and per host-device synchronisation).
-    ``compile``: ``torch.compile`` the student.
+    ``compile``: ``torch.compile`` the student. ``stream``: read webdataset shards in
+    order beside their cache shards (:mod:`rdkd.streaming`) instead of indexing the
+    dataset; None (auto) streams above ``streaming.STREAM_AUTO_MIN_ENTRIES`` entries;
+    ``shuffle_buffer``: raw samples each DataLoader worker holds to shuffle when streaming.
     """
 
     data: Any
@@ -127,6 +131,8 @@ class TrainConfig:
     log_dir: str | None = None
     verify_cache: bool | None = None
     progress: bool = True
+    stream: bool | None = None
+    shuffle_buffer: int = streaming.DEFAULT_SHUFFLE_BUFFER
 
     def to_dict(self) -> dict:
         """JSON-ready, paths as given (relative paths stay relative)."""
@@ -151,6 +157,7 @@ class Plan:
     teacher_dim: int | None
     student_image_cfg: dict
     teacher: dict | None
+    stream: dict | None = None  # streaming: the shape of the stream (ShardStream.shape); None: indexed
 
 
 @dataclass
@@ -168,7 +175,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    pairs: PairDataset
+    pairs: PairDataset | streaming.ShardStream
     normalize: runtime.DeviceNormalize
     t_scale: torch.Tensor
     out_dir: Path
@@ -293,16 +300,18 @@ def setup(config: TrainConfig) -> Run:
         raise UserError("give exactly one of --epochs and --steps")
     term_weights = losses.weights_for(config.method, config.weights)
 
-    # data and cache: joined by key, checked before anything is written
+    # data and cache: joined by key (or streamed shard beside shard), checked before anything is written
     spec = config.data if isinstance(config.data, DataSpec) else DataSpec(str(config.data))
     config.data = spec
-    dataset = open_dataset(spec)
     cache = None
     if config.cache is not None:
         from rdkd.cache import TeacherCache
 
         cache = TeacherCache.open(Path(config.cache))
-        if cache.dataset_fingerprint != dataset.fingerprint:
+    layout = streaming.streaming_layout(config.stream, spec, cache)
+    dataset = open_dataset(spec) if layout is None else None
+    if cache is not None:
+        if dataset is not None and cache.dataset_fingerprint != dataset.fingerprint:
             raise UserError(f"cache {config.cache} was made from another dataset (fingerprint "
                             f"{cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]} of {spec.path})")
         _verify_cache(cache, config.verify_cache)
@@ -327,17 +336,28 @@ def setup(config: TrainConfig) -> Run:
                                      teacher_dim=teacher_dim or built.embed_dim,
                                      scale_param=config.scale_param).to(device)
 
-    pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, cache=cache)
-    steps_per_epoch = EpochBatchSampler(len(pairs), config.batch_size // dist.world_size, config.seed,
-                                        dist.rank, dist.world_size).steps_per_epoch
+    local_batch = config.batch_size // dist.world_size
+    if layout is None:
+        pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, cache=cache)
+        steps_per_epoch = EpochBatchSampler(len(pairs), local_batch, config.seed,
+                                            dist.rank, dist.world_size).steps_per_epoch
+        samples, fingerprint = len(pairs), dataset.fingerprint
+    else:  # the cache vouches for the data; the stream checks each sample's key and captions against it
+        pieces = math.ceil(local_batch * _sample_bytes(image_cfg, built.model_config, teacher_dim) / PIECE_BYTES)
+        pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, cache),
+                                      local_batch, config.seed, dist.rank, dist.world_size, config.workers,
+                                      config.shuffle_buffer, pieces=pieces)
+        steps_per_epoch = pairs.steps_per_epoch(epochs=config.epochs, steps=config.steps)
+        samples, fingerprint = layout.samples, cache.dataset_fingerprint
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     plan = Plan(
         weights=loss_module.weights, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         warmup=min(10_000, total_steps // 10) if config.warmup is None else config.warmup,
-        samples=len(pairs), world_size=dist.world_size, dataset_fingerprint=dataset.fingerprint,
+        samples=samples, world_size=dist.world_size, dataset_fingerprint=fingerprint,
         cache_fingerprint=cache.cache_id if cache is not None else None, embed_dim=built.embed_dim,
         teacher_dim=teacher_dim, student_image_cfg=image_cfg.to_dict(),
-        teacher=cache.manifest.get("teacher") if cache is not None else None)
+        teacher=cache.manifest.get("teacher") if cache is not None else None,
+        stream=pairs.shape if layout is not None else None)
 
     resume_state = None
     out = config.out
@@ -390,24 +410,36 @@ def restore(run: Run) -> Progress:
     return progress
 
 
-def _loader(run: Run, start_step: int) -> tuple[torch.utils.data.DataLoader, int]:
-    """(the DataLoader, pieces per batch). Workers build pieces of local batches of at most
-    ``PIECE_BYTES`` (the sampler yields a piece's items, batch_size=None), their prefetch
-    sized by bytes: what is in flight does not grow with the batch size."""
+def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
+    """(the loader, pieces per batch). Workers build pieces of local batches of at most
+    ``PIECE_BYTES`` (the sampler yields a piece's items, batch_size=None; streaming: each
+    worker reads its own shards), their prefetch sized by bytes: what is in flight does not
+    grow with the batch size."""
     local = run.config.batch_size // run.dist.world_size
-    height, width = run.pairs.image_cfg.size
-    context = run.model_config.get("text_cfg", {}).get("context_length", 77)
-    sample_bytes = 3 * height * width + 8 * context + 2 * (run.plan.teacher_dim or 0) * 4
+    sample_bytes = _sample_bytes(run.pairs.image_cfg, run.model_config, run.plan.teacher_dim)
+    workers = run.config.workers
+    if isinstance(run.pairs, streaming.ShardStream):
+        stream = run.pairs
+        loader = stream.batches(start_step, run.plan.steps_per_epoch, pin_memory=run.device.type == "cuda",
+                                prefetch_factor=runtime.prefetch_factor(stream.piece_size * sample_bytes, workers,
+                                                                        PREFETCH_BUDGET_BYTES))
+        return loader, stream.pieces
     pieces = math.ceil(local * sample_bytes / PIECE_BYTES)
     sampler = EpochBatchSampler(len(run.pairs), local, run.config.seed, run.dist.rank, run.dist.world_size,
                                 start=divmod(start_step, run.plan.steps_per_epoch), chunks=pieces)
-    workers = run.config.workers
     loader = torch.utils.data.DataLoader(
         run.pairs, sampler=sampler, batch_size=None, num_workers=workers,
         pin_memory=run.device.type == "cuda",
         prefetch_factor=runtime.prefetch_factor(math.ceil(local / sampler.chunks) * sample_bytes, workers,
                                                 PREFETCH_BUDGET_BYTES))
     return loader, sampler.chunks
+
+
+def _sample_bytes(image_cfg: ImageCfg, model_config: dict, teacher_dim: int | None) -> int:
+    """Bytes of one sample as the workers ship it: uint8 image, tokens, two teacher rows."""
+    height, width = image_cfg.size
+    context = model_config.get("text_cfg", {}).get("context_length", 77)
+    return 3 * height * width + 8 * context + 2 * (teacher_dim or 0) * 4
 
 
 # --- log, checkpoint, finish ---------------------------------------------------------------------
