@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rdkd.cache import format as fmt
@@ -123,11 +122,8 @@ def build_index(root: Path, parts: Sequence[dict]) -> pa.Table:
     for part in parts:
         image_start, image_count, image_keys = fmt.key_runs(_key_column(root / part["images"]["file"]))
         text_start, text_count, text_keys = fmt.key_runs(_key_column(root / part["texts"]["file"]))
-        if not text_keys.equals(image_keys):  # written by rdkd they are equal: same images, same order
-            at = pc.index_in(image_keys, value_set=text_keys)
-            found = at.is_valid().to_numpy(zero_copy_only=False)
-            at = pc.fill_null(at, 0).to_numpy()
-            text_start, text_count = np.where(found, text_start[at], 0), np.where(found, text_count[at], 0)
+        if not text_keys.equals(image_keys):  # every image has its captions, in the same order
+            raise ValueError(f"shard {part['shard']}: the image and caption files list different keys")
         hashes.append(fmt.key_hashes(image_keys))
         image_rows.append(image_offset + image_start)
         image_counts.append(image_count)

@@ -118,13 +118,17 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _join(self, data: Any, cache: Any) -> None:
         """Rows of every usable entry, as flat arrays: all keys joined with the cache at once
-        (:meth:`TeacherCache.lookup`), no per-entry Python."""
+        (:meth:`TeacherCache.lookup`), no per-entry Python. An entry is usable when the
+        cache holds its rows (a key can also be in the rejects, as the later copy of a
+        duplicate); the others are counted by whether the cache rejected them."""
         keys = pa.array(data.keys, pa.large_string())
-        rejected = cache.is_rejected(keys)
         rows = cache.lookup(keys)
-        usable = rows.found & ~rejected
+        usable = rows.found
+        missing = ~usable
+        rejected = np.zeros_like(missing)
+        rejected[missing] = cache.is_rejected(keys.filter(pa.array(missing)))
         for reason, count in (("rejected by the cache", rejected.sum()),
-                              ("not in the cache", (~rows.found & ~rejected).sum())):
+                              ("not in the cache", (missing & ~rejected).sum())):
             if count:
                 self.skipped_at_join[reason] = self.skipped_at_join.get(reason, 0) + int(count)
         self.entries = np.flatnonzero(usable).astype(np.int64)
