@@ -99,7 +99,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # 2**27 pixels (e.g. 11585 x 11585) is far above any training image and far below what
 # exhausts memory when decoded (3 bytes per pixel: ~400 MB).
 DEFAULT_MAX_PIXELS = 2**27
-# Below this much unscanned data, starting scan processes costs more than it saves.
+# Below this many units or this much data to scan, starting scan processes (a second or so:
+# imports) costs more than it saves. A unit's scan costs per sample, not per byte, so many
+# small shards (small images) count too.
+PARALLEL_SCAN_MIN_UNITS = 8
 PARALLEL_SCAN_MIN_BYTES = 64 * 2**20
 # The index cache (see the module docstring). Bump SCAN_VERSION when what a scan yields
 # changes: entries of other versions are then ignored.
@@ -473,7 +476,8 @@ def open_dataset(spec: DataSpec, workers: int | None = None) -> Dataset:
     ``workers``: processes that scan units (tar shards, Parquet files) not yet in the index
     cache (tarfile parses every member header in Python, the cost of indexing CC3M-size
     shard sets). None: one per CPU (shared among torchrun's local ranks that scan at the
-    same time), up to 16, for 2+ units holding 64 MiB or more; 0 or 1: in this process.
+    same time), up to 16, for 8+ units or 2+ units holding 64 MiB or more; 0 or 1: in this
+    process.
 
     Under a running torch.distributed process group this is collective (every rank must
     call it): rank 0 opens first and fills the index cache, then the first local rank of
@@ -643,7 +647,8 @@ def _scan_units(scanner: Callable, paths: list[str], options: list[dict], worker
     todo = [i for i, result in enumerate(results) if result is None]
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        big = len(todo) >= 2 and sum(os.path.getsize(paths[i]) for i in todo) >= PARALLEL_SCAN_MIN_BYTES
+        big = len(todo) >= PARALLEL_SCAN_MIN_UNITS or (
+            len(todo) >= 2 and sum(os.path.getsize(paths[i]) for i in todo) >= PARALLEL_SCAN_MIN_BYTES)
         workers = min(max(1, cpus // cpu_share), 16, len(todo)) if big else 0
     jobs = ([scanner] * len(todo), [paths[i] for i in todo], [options[i] for i in todo])
     if workers <= 1:
