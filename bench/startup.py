@@ -14,7 +14,10 @@ launch and every rank (issue #11: 10.9 s at 20k entries, 32.3 s at 200k for a 1-
    - ``open``: ``open_dataset``; ``join``: ``TeacherCache.open`` + ``PairDataset`` (the join
      with the cache); both timed inside the process;
    - ``run``: a whole 1-step ``train_student`` process (a tiny ViT student, cliprd, batch 32,
-     ``workers=0``): wall time from start to exit, and its peak RSS (VmHWM).
+     ``workers=0``): from start to exit, and its peak RSS (VmHWM).
+   Each figure as wall-clock time (``_s``) and as CPU time (``_cpu``, user + system, scan
+   processes included): on a machine shared with other jobs the CPU time is the steadier.
+   Sizes and launches are interleaved in every repeat.
 
 Printed per size: seconds and us per entry; between the sizes: the marginal cost per entry
 (delta t / delta N, fixed costs such as imports and the model cancel) and the ratio
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -51,18 +55,24 @@ from rdkd.stages.extract_teacher import extract_teacher  # noqa: E402
 PER_SHARD = 10_000
 
 PIECES = """
-import json, sys, time
+import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
 from rdkd.cache import TeacherCache
 from rdkd.data import DataSpec, open_dataset
 from rdkd.training import ImageCfg, PairDataset
-start = time.perf_counter()
+
+def clock():  # (wall, CPU of this process and of the scan processes it waited for)
+    own, scans = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), own.ru_utime + own.ru_stime + scans.ru_utime + scans.ru_stime
+
+start = clock()
 dataset = open_dataset(DataSpec(sys.argv[1]))
-opened = time.perf_counter()
+opened = clock()
 pairs = PairDataset(dataset, None, ImageCfg((32, 32), (0.5,) * 3, (0.5,) * 3), 0, cache=TeacherCache.open(sys.argv[2]))
-joined = time.perf_counter()
-print(json.dumps({"open_s": opened - start, "join_s": joined - opened, "entries": len(dataset), "usable": len(pairs)}))
+joined = clock()
+print(json.dumps({"open_s": opened[0] - start[0], "open_cpu": opened[1] - start[1], "join_s": joined[0] - opened[0],
+                  "join_cpu": joined[1] - opened[1], "entries": len(dataset), "usable": len(pairs)}))
 """
 
 RUN = """
@@ -77,6 +87,7 @@ train_student(DataSpec(data), student, "cliprd", cache, steps=1, batch_size=32, 
 fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"peak_rss": int(fields["VmHWM"].split()[0]) * 1024}))
 """
+FIGURES = ("open_s", "open_cpu", "join_s", "join_cpu", "run_s", "run_cpu")
 
 
 def write_webdataset(root: Path, samples: int) -> DataSpec:
@@ -101,33 +112,30 @@ def write_webdataset(root: Path, samples: int) -> DataSpec:
     return DataSpec(f"{root}/{{00000..{shards - 1:05d}}}.tar")
 
 
-def child(script: str, *args: str) -> tuple[dict, float]:
-    """(the JSON the child prints last, its wall time from start to exit)."""
+def child(script: str, *args: str) -> tuple[dict, float, float]:
+    """(the JSON the child prints last, its wall time from start to exit, its CPU time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall, cpu
 
 
-def measure(spec: DataSpec, cache: Path, student: Path, runs: Path, repeats: int) -> dict:
-    """open / join / 1-step run, first launch (no index cache) and second launch, interleaved
-    ``repeats`` times; the median of each figure and the spread of the run."""
+def launch(spec: DataSpec, cache: Path, student: Path, out: Path, first: bool) -> dict:
+    """open / join / 1-step run; ``first``: with the dataset's index cache removed before each."""
     index_cache = Path(spec.path).parent / ".rdkd-index"
-    measured: dict[str, list[dict]] = {"first": [], "second": []}
-    for repeat in range(repeats):
-        for launch in ("first", "second"):
-            if launch == "first":
-                shutil.rmtree(index_cache, ignore_errors=True)
-            pieces, _ = child(PIECES, spec.path, str(cache))
-            if launch == "first":
-                shutil.rmtree(index_cache, ignore_errors=True)
-            run, wall = child(RUN, spec.path, str(cache), str(student), str(runs / f"{launch}-{repeat}"))
-            measured[launch].append({**pieces, "run_s": wall, "peak_rss": run["peak_rss"]})
-    return {launch: {**{name: float(np.median([m[name] for m in ms])) for name in ms[0]},
-                     "run_s_range": [min(m["run_s"] for m in ms), max(m["run_s"] for m in ms)]}
-            for launch, ms in measured.items()}
+    if first:
+        shutil.rmtree(index_cache, ignore_errors=True)
+    pieces, _, _ = child(PIECES, spec.path, str(cache))
+    if first:
+        shutil.rmtree(index_cache, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run folder (train-student refuses a used one)
+    run, wall, cpu = child(RUN, spec.path, str(cache), str(student), str(out))
+    return {**pieces, "run_s": wall, "run_cpu": cpu, "peak_rss": run["peak_rss"]}
 
 
 def main() -> None:
@@ -142,41 +150,43 @@ def main() -> None:
         teacher, student = work / "teacher.json", work / "student.json"
         teacher.write_text(json.dumps(tiny_config(64)))
         student.write_text(json.dumps(tiny_config(64)))
-        results = {}
+        specs = {}
         for n in args.sizes:
             spec_path, cache = work / f"data-{n}", work / f"cache-{n}"
             start = time.perf_counter()
             if not cache.exists():
-                spec = write_webdataset(spec_path, n)
-                extract_teacher(spec, ModelSpec(config=str(teacher)), cache, views=ViewConfig(count=1),
-                                batch_size=512, workers=1, device="cpu", progress=False)
-            spec = DataSpec(f"{spec_path}/{{00000..{(n + PER_SHARD - 1) // PER_SHARD - 1:05d}}}.tar")
-            prepared = time.perf_counter() - start
-            results[n] = measure(spec, cache, student, work / f"runs-{n}", args.repeats)
-            print(f"N={n}: data and cache ready in {prepared:.0f} s", flush=True)
+                extract_teacher(write_webdataset(spec_path, n), ModelSpec(config=str(teacher)), cache,
+                                views=ViewConfig(count=1), batch_size=512, workers=1, device="cpu", progress=False)
+            specs[n] = DataSpec(f"{spec_path}/{{00000..{(n + PER_SHARD - 1) // PER_SHARD - 1:05d}}}.tar")
+            print(f"N={n}: data and cache ready in {time.perf_counter() - start:.0f} s", flush=True)
+        # sizes and launches interleaved, so that a busier spell of a shared machine hits all alike
+        measured = {(n, kind): [] for n in args.sizes for kind in ("first", "second")}
+        for repeat in range(args.repeats):
+            for n in args.sizes:
+                for kind in ("first", "second"):
+                    measured[n, kind].append(launch(specs[n], work / f"cache-{n}", student,
+                                                    work / f"runs-{n}" / f"{kind}-{repeat}", kind == "first"))
+    results = {key: {name: float(np.median([m[name] for m in ms])) for name in ms[0]} for key, ms in measured.items()}
+    spread = {key: (min(m["run_s"] for m in ms), max(m["run_s"] for m in ms)) for key, ms in measured.items()}
 
     small, big = args.sizes
-    print(f"\nwebdataset of tiny JPEGs, {PER_SHARD} a shard; 1 torch thread; medians of {args.repeats} launches, "
-          "in s (us per entry)")
-    print(f"{'':22s}" + "".join(f"{f'N={n} {launch}':>26s}" for n in args.sizes for launch in ("first", "second")))
-    for name in ("open_s", "join_s", "run_s"):
-        cells = [f"{results[n][launch][name]:9.2f} ({results[n][launch][name] / n * 1e6:7.1f} us)"
-                 for n in args.sizes for launch in ("first", "second")]
-        print(f"{name:22s}" + "".join(f"{c:>26s}" for c in cells))
-    spread = [f"{results[n][launch]['run_s_range'][0]:.1f}-{results[n][launch]['run_s_range'][1]:.1f}"
-              for n in args.sizes for launch in ("first", "second")]
-    print(f"{'run_s min-max':22s}" + "".join(f"{c:>26s}" for c in spread))
-    rss = [f"{results[n][launch]['peak_rss'] / 2**30:9.2f} GB" for n in args.sizes for launch in ("first", "second")]
-    print(f"{'run peak RSS':22s}" + "".join(f"{c:>26s}" for c in rss))
+    columns = [(n, kind) for n in args.sizes for kind in ("first", "second")]
+    print(f"\nwebdataset of tiny JPEGs, {PER_SHARD} a shard; 1 torch thread; medians of {args.repeats} launches; "
+          "s (us per entry); _s wall-clock, _cpu CPU time (scan processes included)")
+    print(f"{'':14s}" + "".join(f"{f'N={n} {kind}':>24s}" for n, kind in columns))
+    for name in FIGURES:
+        cells = [f"{results[c][name]:8.2f} ({results[c][name] / c[0] * 1e6:7.1f} us)" for c in columns]
+        print(f"{name:14s}" + "".join(f"{cell:>24s}" for cell in cells))
+    print(f"{'run_s min-max':14s}" + "".join(f"{f'{spread[c][0]:.1f}-{spread[c][1]:.1f}':>24s}" for c in columns))
+    print(f"{'run peak RSS':14s}" + "".join(f"{results[c]['peak_rss'] / 2**30:21.3f} GB" for c in columns))
     print(f"\ngrowth {small} -> {big}: marginal us per entry = delta t / delta N; ratio = t({big}) / t({small})")
-    for launch in ("first", "second"):
-        for name in ("open_s", "join_s", "run_s"):
-            a, b = results[small][launch][name], results[big][launch][name]
-            print(f"  {launch:6s} launch {name:7s}: {(b - a) / (big - small) * 1e6:7.1f} us an entry, "
-                  f"ratio {b / a:5.2f}")
-        growth = (results[big][launch]["peak_rss"] - results[small][launch]["peak_rss"]) / 2**20
-        print(f"  {launch:6s} launch peak RSS growth: {growth:.0f} MB")
-    print(json.dumps({str(n): r for n, r in results.items()}))
+    for kind in ("first", "second"):
+        for name in FIGURES:
+            a, b = results[small, kind][name], results[big, kind][name]
+            print(f"  {kind:6s} launch {name:8s}: {(b - a) / (big - small) * 1e6:7.1f} us an entry, ratio {b / a:5.2f}")
+        growth = (results[big, kind]["peak_rss"] - results[small, kind]["peak_rss"]) / 2**20
+        print(f"  {kind:6s} launch peak RSS growth: {growth:.0f} MB")
+    print(json.dumps({f"{n} {kind}": ms for (n, kind), ms in measured.items()}))
 
 
 if __name__ == "__main__":

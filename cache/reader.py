@@ -299,13 +299,13 @@ class TeacherCache:
     def lookup(self, keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> CacheLookup:
         """The rows of many keys at once, one element per key (what :meth:`find` gives key by key).
 
-        ``keys``: str, or an Arrow string array (``rdkd.data.Keys`` converts to one). When
-        they are the entries the cache's shards were made from, in order (the manifest's
-        shard ``entries`` tile ``[0, len(keys))``), the join runs shard by shard with no key
-        hashing: the keys of cache shard ``j`` are looked for among the entries of its range
-        and taken only if they line up (all found, in increasing order, captions in the
-        same order as the images). Otherwise, or when a shard does not line up, every key is
-        hashed and searched in the index at once.
+        ``keys``: a sequence of str, or an Arrow string array (``rdkd.data.Keys`` converts
+        to one). When they are the entries the cache's shards were made from, in order (the
+        manifest's shard ``entries`` tile ``[0, len(keys))``), the join runs shard by shard
+        with no key hashing: the keys of cache shard ``j`` are looked for among the entries
+        of its range and taken only if they line up (all found, in increasing order,
+        captions in the same order as the images). Otherwise, or when a shard does not line
+        up, every key is hashed and searched in the index at once.
         """
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
@@ -322,8 +322,9 @@ class TeacherCache:
             return None
         rows = CacheLookup.empty(len(keys))
         for position, (start, stop) in enumerate(bounds):
-            image_start, image_count, image_keys = fmt.key_runs(_keys_of(self.images.shard(position)))
-            text_start, text_count, text_keys = fmt.key_runs(_keys_of(self.texts.shard(position)))
+            image_shard, text_shard = self.images.shard(position), self.texts.shard(position)
+            image_start, image_count, image_keys = fmt.key_runs(_keys_of(image_shard))
+            text_start, text_count, text_keys = fmt.key_runs(_keys_of(text_shard))
             if not image_keys.equals(text_keys):
                 return None
             entries = keys.slice(start, stop - start)
@@ -338,9 +339,9 @@ class TeacherCache:
                     return None
             at = at + start
             rows.found[at] = True
-            rows.image_row[at] = self.images._starts[position] + image_start
+            rows.image_row[at] = image_shard.first_row + image_start
             rows.image_count[at] = image_count
-            rows.text_row[at] = self.texts._starts[position] + text_start
+            rows.text_row[at] = text_shard.first_row + text_start
             rows.text_count[at] = text_count
         return rows
 

@@ -591,7 +591,8 @@ def _build_index(tables: list[pa.Table], source_of: Callable[[int, dict], str]) 
     drops = [Reject(row["key"], source_of(int(unit[i]), row), reason)
              for i, row in zip(with_drops, table.take(with_drops).to_pylist()) for reason in row["dropped"]]
 
-    entries = table.filter(pa.array(kept)).drop_columns(["problem", "dropped"]).combine_chunks()
+    kept_columns = table.drop_columns(["problem", "dropped"])
+    entries = (kept_columns if kept.all() else kept_columns.filter(pa.array(kept))).combine_chunks()
     entry_unit = unit[kept]
     stops = np.cumsum(np.bincount(entry_unit, minlength=len(tables)))
     starts = np.concatenate([[0], stops[:-1]])
