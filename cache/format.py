@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 FORMAT_NAME = "rdkd-teacher-cache"
 FORMAT_VERSION = 1
@@ -94,9 +96,31 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 
+def key_hashes(keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-bit lookup hashes of keys (BLAKE2b, 8 bytes, big-endian) as uint64; collisions are checked.
+
+    One hashlib call per key (about 0.5 us): the format fixes BLAKE2b, which numpy and
+    Arrow cannot compute column-wise.
+    """
+    values = keys.to_pylist() if isinstance(keys, (pa.Array, pa.ChunkedArray)) else keys
+    digests = b"".join([hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest() for key in values])
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
 def key_hash(key: str) -> int:
-    """64-bit lookup hash of a key (BLAKE2b, 8 bytes, big-endian); collisions are checked."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+    """The lookup hash of one key (see :func:`key_hashes`)."""
+    return int(key_hashes([key])[0])
+
+
+def key_runs(keys: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """(first row, row count, key) of each run of equal consecutive keys: the images (or
+    captions) of a shard, whose rows are consecutive per key."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), keys
+    changed = pc.not_equal(keys.slice(1), keys.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.concatenate([[True], changed]))
+    return starts, np.diff(np.append(starts, n)), keys.take(pa.array(starts))
 
 
 def to_storage(embeddings: np.ndarray, storage_dtype: str) -> np.ndarray:

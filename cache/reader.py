@@ -11,13 +11,14 @@ import json
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -32,6 +33,25 @@ class CacheEntry:
     key: str
     image_rows: range
     text_rows: range
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """Where many keys' rows are, one element per key asked (see :meth:`TeacherCache.lookup`).
+
+    Where ``found`` is False the rows are -1 and the counts 0.
+    """
+
+    found: np.ndarray  # bool
+    image_row: np.ndarray  # int64: the first of the key's view rows
+    image_count: np.ndarray  # int32: its views (K)
+    text_row: np.ndarray  # int64: its first caption row
+    text_count: np.ndarray  # int32: its captions
+
+    @classmethod
+    def empty(cls, n: int) -> "CacheLookup":
+        return cls(np.zeros(n, bool), np.full(n, -1, np.int64), np.zeros(n, np.int32),
+                   np.full(n, -1, np.int64), np.zeros(n, np.int32))
 
 
 @dataclass(frozen=True)
@@ -168,6 +188,12 @@ class _ShardedColumn:
         return array.to_numpy(zero_copy_only=False)
 
 
+def _keys_of(shard: CacheShard) -> pa.Array:
+    """The key column of a shard as one large-string array (the type dataset keys come in)."""
+    column = shard.table.column("key")
+    return (column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()).cast(pa.large_string())
+
+
 def _to_tensor(stored: np.ndarray, storage_dtype: str, as_stored: bool = False) -> torch.Tensor:
     if not as_stored:
         return torch.from_numpy(fmt.from_storage(stored, storage_dtype))
@@ -274,18 +300,90 @@ class TeacherCache:
 
     def find(self, key: str) -> CacheEntry | None:
         """The rows of ``key``, or None when the key is not in the cache (e.g. rejected)."""
-        h = np.uint64(fmt.key_hash(key))
-        lo = int(np.searchsorted(self._hashes, h, side="left"))
-        hi = int(np.searchsorted(self._hashes, h, side="right"))
-        for i in range(lo, hi):  # more than one only on a 64-bit hash collision
-            image_row = int(self._index["image_row"][i])
-            if self.images.take("key", np.array([image_row]))[0].as_py() != key:
-                continue
-            image_count = int(self._index["image_count"][i])
-            text_row = int(self._index["text_row"][i])
-            text_count = int(self._index["text_count"][i])
-            return CacheEntry(key, range(image_row, image_row + image_count), range(text_row, text_row + text_count))
-        return None
+        rows = self._hash_lookup(pa.array([key], pa.large_string()))
+        if not rows.found[0]:
+            return None
+        image_row, text_row = int(rows.image_row[0]), int(rows.text_row[0])
+        return CacheEntry(key, range(image_row, image_row + int(rows.image_count[0])),
+                          range(text_row, text_row + int(rows.text_count[0])))
+
+    def lookup(self, keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> CacheLookup:
+        """The rows of many keys at once, one element per key (what :meth:`find` gives key by key).
+
+        ``keys``: a sequence of str, or an Arrow string array (``rdkd.data.Keys`` converts
+        to one). When they are the entries the cache's shards were made from, in order (the
+        manifest's shard ``entries`` tile ``[0, len(keys))``), the join runs shard by shard
+        with no key hashing: the keys of cache shard ``j`` are looked for among the entries
+        of its range and taken only if they line up (all found, in increasing order,
+        captions in the same order as the images). Otherwise, or when a shard does not line
+        up, every key is hashed and searched in the index at once.
+        """
+        if isinstance(keys, pa.ChunkedArray):
+            keys = keys.combine_chunks()
+        array = (keys if isinstance(keys, pa.Array) else pa.array(keys, pa.large_string())).cast(pa.large_string())
+        aligned = self._aligned_lookup(array)
+        return aligned if aligned is not None else self._hash_lookup(array)
+
+    def _aligned_lookup(self, keys: pa.Array) -> CacheLookup | None:
+        """:meth:`lookup` shard by shard, or None when the cache's shards do not follow ``keys``."""
+        shards = self.manifest["shards"]
+        bounds = [tuple(s["entries"]) for s in shards]
+        if not bounds or bounds[0][0] != 0 or bounds[-1][1] != len(keys) or \
+                any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+            return None
+        rows = CacheLookup.empty(len(keys))
+        for position, (start, stop) in enumerate(bounds):
+            image_shard, text_shard = self.images.shard(position), self.texts.shard(position)
+            image_start, image_count, image_keys = fmt.key_runs(_keys_of(image_shard))
+            text_start, text_count, text_keys = fmt.key_runs(_keys_of(text_shard))
+            if not image_keys.equals(text_keys):
+                return None
+            entries = keys.slice(start, stop - start)
+            if image_keys.equals(entries):  # nothing of this shard was rejected
+                at = np.arange(len(entries))
+            else:
+                found = pc.index_in(image_keys, value_set=entries)
+                if found.null_count:
+                    return None
+                at = found.to_numpy()
+                if np.any(np.diff(at) <= 0):
+                    return None
+            at = at + start
+            rows.found[at] = True
+            rows.image_row[at] = image_shard.first_row + image_start
+            rows.image_count[at] = image_count
+            rows.text_row[at] = text_shard.first_row + text_start
+            rows.text_count[at] = text_count
+        return rows
+
+    def _hash_lookup(self, keys: pa.Array) -> CacheLookup:
+        """:meth:`lookup` through the index: hashes, binary search, keys compared in bulk."""
+        hashes = fmt.key_hashes(keys)
+        lo = np.searchsorted(self._hashes, hashes, side="left")
+        hi = np.searchsorted(self._hashes, hashes, side="right")
+        slot = np.full(len(keys), -1, dtype=np.int64)  # the key's index row
+        pending = np.flatnonzero(lo < hi)
+        tried = 0
+        while pending.size:  # more than one round only where 64-bit hashes collide
+            at = lo[pending] + tried
+            stored = self.images.take("key", self._index["image_row"][at]).cast(pa.large_string())
+            same = pc.equal(stored, keys.take(pa.array(pending))).to_numpy(zero_copy_only=False)
+            slot[pending[same]] = at[same]
+            tried += 1
+            pending = pending[~same]
+            pending = pending[lo[pending] + tried < hi[pending]]
+        rows = CacheLookup.empty(len(keys))
+        found = np.flatnonzero(slot >= 0)
+        rows.found[found] = True
+        for name in ("image_row", "image_count", "text_row", "text_count"):
+            getattr(rows, name)[found] = self._index[name][slot[found]]
+        return rows
+
+    def is_rejected(self, keys: Sequence[str] | pa.Array) -> np.ndarray:
+        """bool per key: the key is in ``rejects.parquet`` (rejected at indexing or extraction)."""
+        array = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(keys, pa.large_string())
+        rejected = self.rejects.column("key").cast(pa.large_string())
+        return pc.is_in(array.cast(pa.large_string()), value_set=rejected).to_numpy(zero_copy_only=False)
 
     def __contains__(self, key: str) -> bool:
         return self.find(key) is not None

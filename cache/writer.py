@@ -104,47 +104,42 @@ def read_part(root: Path, shard: int) -> dict | None:
     return record
 
 
-def _runs(keys: list[str]) -> list[tuple[str, int, int]]:
-    """(key, first row, row count) of each run of equal consecutive keys."""
-    runs: list[tuple[str, int, int]] = []
-    for row, key in enumerate(keys):
-        if runs and runs[-1][0] == key:
-            runs[-1] = (key, runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((key, row, 1))
-    return runs
-
-
-def _key_column(path: Path) -> list[str]:
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_file(source).read_all().column("key").to_pylist()
+def _key_column(path: Path) -> pa.Array:
+    """The ``key`` column of a shard file, memory-mapped (only its pages are read)."""
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    column = table.column("key")
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def build_index(root: Path, parts: Sequence[dict]) -> pa.Table:
-    """The key lookup table over all shards, sorted by key hash (stable)."""
+    """The key lookup table over all shards, sorted by key hash (stable).
+
+    Column-wise per shard: the runs of equal keys in its image and caption files give each
+    image's rows and its key hash; then everything is sorted at once.
+    """
     hashes, image_rows, image_counts, text_rows, text_counts = [], [], [], [], []
     image_offset = text_offset = 0
     for part in parts:
-        text_runs = {key: (start, count) for key, start, count in _runs(_key_column(root / part["texts"]["file"]))}
-        for key, start, count in _runs(_key_column(root / part["images"]["file"])):
-            t_start, t_count = text_runs.get(key, (0, 0))
-            hashes.append(fmt.key_hash(key))
-            image_rows.append(image_offset + start)
-            image_counts.append(count)
-            text_rows.append(text_offset + t_start)
-            text_counts.append(t_count)
+        image_start, image_count, image_keys = fmt.key_runs(_key_column(root / part["images"]["file"]))
+        text_start, text_count, text_keys = fmt.key_runs(_key_column(root / part["texts"]["file"]))
+        if not text_keys.equals(image_keys):  # every image has its captions, in the same order
+            raise ValueError(f"shard {part['shard']}: the image and caption files list different keys")
+        hashes.append(fmt.key_hashes(image_keys))
+        image_rows.append(image_offset + image_start)
+        image_counts.append(image_count)
+        text_rows.append(text_offset + text_start)
+        text_counts.append(text_count)
         image_offset += part["images"]["rows"]
         text_offset += part["texts"]["rows"]
-    hash_array = np.array(hashes, dtype=np.uint64)
-    order = np.argsort(hash_array, kind="stable")
-    columns = [
-        hash_array[order],
-        np.array(image_rows, dtype=np.int64)[order],
-        np.array(image_counts, dtype=np.int32)[order],
-        np.array(text_rows, dtype=np.int64)[order],
-        np.array(text_counts, dtype=np.int32)[order],
-    ]
-    return pa.Table.from_arrays([pa.array(c) for c in columns], schema=fmt.INDEX_SCHEMA)
+
+    def column(pieces: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(pieces).astype(dtype) if pieces else np.zeros(0, dtype)
+
+    key_hash = column(hashes, np.uint64)
+    order = np.argsort(key_hash, kind="stable")
+    columns = (key_hash, column(image_rows, np.int64), column(image_counts, np.int32),
+               column(text_rows, np.int64), column(text_counts, np.int32))
+    return pa.Table.from_arrays([pa.array(c[order]) for c in columns], schema=fmt.INDEX_SCHEMA)
 
 
 def rejects_table(rejects: Sequence[dict]) -> pa.Table:

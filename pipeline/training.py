@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
@@ -245,29 +246,23 @@ class PairDataset(torch.utils.data.Dataset):
         return self.builder.cache
 
     def _join(self, data: Any, cache: Any) -> None:
-        """Rows of every usable entry, as flat arrays (no per-entry Python objects: a
-        CC12M-size join stays a few hundred MB)."""
-        rejected = set(cache.rejected_keys)
-        entries, img_start, img_count, txt_start, txt_count = [], [], [], [], []
-        for i, key in enumerate(data.keys):
-            if key in rejected:
-                self._count_join_skip("rejected by the cache")
-                continue
-            found = cache.find(key)
-            if found is None:
-                self._count_join_skip("not in the cache")
-                continue
-            entries.append(i)
-            img_start.append(found.image_rows.start)
-            img_count.append(len(found.image_rows))
-            txt_start.append(found.text_rows.start)
-            txt_count.append(len(found.text_rows))
-        self.entries = np.asarray(entries, dtype=np.int64)
-        self.image_rows = (np.asarray(img_start, dtype=np.int64), np.asarray(img_count, dtype=np.int32))
-        self.text_rows = (np.asarray(txt_start, dtype=np.int64), np.asarray(txt_count, dtype=np.int32))
-
-    def _count_join_skip(self, reason: str) -> None:
-        self.skipped_at_join[reason] = self.skipped_at_join.get(reason, 0) + 1
+        """Rows of every usable entry, as flat arrays: all keys joined with the cache at once
+        (:meth:`TeacherCache.lookup`), no per-entry Python. An entry is usable when the
+        cache holds its rows (a key can also be in the rejects, as the later copy of a
+        duplicate); the others are counted by whether the cache rejected them."""
+        keys = pa.array(data.keys, pa.large_string())
+        rows = cache.lookup(keys)
+        usable = rows.found
+        missing = ~usable
+        rejected = np.zeros_like(missing)
+        rejected[missing] = cache.is_rejected(keys.filter(pa.array(missing)))
+        for reason, count in (("rejected by the cache", rejected.sum()),
+                              ("not in the cache", (missing & ~rejected).sum())):
+            if count:
+                self.skipped_at_join[reason] = self.skipped_at_join.get(reason, 0) + int(count)
+        self.entries = np.flatnonzero(usable).astype(np.int64)
+        self.image_rows = (rows.image_row[usable], rows.image_count[usable])
+        self.text_rows = (rows.text_row[usable], rows.text_count[usable])
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -141,13 +141,16 @@ def test_shards_are_opened_lazily_and_a_bounded_number_stay_open(tmp_path):
 
 
 def test_hash_collisions_are_resolved_by_key(tmp_path, monkeypatch):
-    monkeypatch.setattr(fmt, "key_hash", lambda key: 7)  # every key collides
+    monkeypatch.setattr(fmt, "key_hashes", lambda keys: np.full(len(keys), 7, np.uint64))  # every key collides
     truth = write_cache(tmp_path, "float32")
     cache = TeacherCache.open(tmp_path)
     for key in truth["order"]:
         entry = cache.find(key)
         np.testing.assert_array_equal(cache.image_embeddings([entry.image_rows[1]])[0], truth["images"][(key, 1)])
     assert cache.find("other") is None
+    rows = cache.lookup(["other"] + truth["order"][::-1])  # in bulk: every key tried against all 7 slots
+    assert not rows.found[0] and rows.found[1:].all()
+    assert [cache.image_keys([r])[0] for r in rows.image_row[1:]] == truth["order"][::-1]
 
 
 def test_open_refuses_missing_partial_and_foreign(tmp_path):

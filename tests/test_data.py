@@ -101,7 +101,8 @@ def test_webdataset_brace_pattern_and_shard_ranges(tmp_path, samples):
         open_dataset(DataSpec(spec.path.replace("00002", "00003")))
 
 
-def test_webdataset_parallel_scan_equals_sequential(tmp_path, samples):
+def test_webdataset_parallel_scan_equals_sequential(tmp_path, samples, monkeypatch):
+    monkeypatch.setenv("RDKD_INDEX_CACHE", "off")  # both opens scan: the second does not read the first's
     bad = [Sample("000005", samples[0].data, ("a duplicate key in another shard",))]
     spec = write_wds_dataset(tmp_path, samples + bad, per_shard=3)  # 5 shards
     one, pool = open_dataset(spec, workers=0), open_dataset(spec, workers=2)
