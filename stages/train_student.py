@@ -14,6 +14,11 @@ Output folder (default ``artifacts/students/<name>``)::
     logs/skipped.jsonl             images that failed to decode: key, reason, step
     export/                        the student alone: weights + open_clip model-config JSON
     run.json                       what was trained (method, student, seed, steps, ...) and how it went
+
+``logs/`` can live elsewhere (``log_dir``): the logs hold wall-clock times and host names,
+everything else is a function of the inputs and the seed, byte for byte (run.json has no
+timings; paths are recorded as given; every global RNG whose state a checkpoint records is
+seeded), so a pipeline can hash the run folder and keep the logs out of the hash.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from rdkd.errors import UserError
@@ -82,6 +89,7 @@ def train_student(
     keep_checkpoints: int = 2,
     resume: str | Path | None = None,
     out: str | Path | None = None,
+    log_dir: str | Path | None = None,
     verify_cache: bool | None = None,
     progress: bool = True,
 ) -> dict:
@@ -95,6 +103,7 @@ def train_student(
     global batch (split over torchrun ranks). Give ``epochs`` or ``steps``. ``warmup``
     defaults to CLIP-KD's 10k steps, capped at a tenth of a shorter run. ``resume``: a
     checkpoint file, or a run folder / its ``checkpoints`` folder (latest checkpoint).
+    ``log_dir`` defaults to ``<out>/logs``.
     Raises :class:`UserError` for bad input before anything is written.
     """
     from rdkd import distributed, losses
@@ -134,6 +143,8 @@ def train_student(
 
     # --- student --------------------------------------------------------------------------
     torch.manual_seed(seed)  # the random init of the student and the loss's heads
+    random.seed(seed)  # unused by training, but their states go into every checkpoint
+    np.random.seed(seed)
     init_state = _rdkd_checkpoint_model(Path(init)) if init is not None else None
     built = create_student(student, init=None if init is None or init_state is not None else str(init),
                            device=torch_device)
@@ -215,7 +226,8 @@ def train_student(
         prefetch_factor=4 if workers > 0 else None)
 
     checkpoint_dir = out_dir / "checkpoints"
-    log = MetricsLog(out_dir / "logs", resume_step=start_step if resume_state else None) if dist.is_main else None
+    log_dir = Path(log_dir) if log_dir is not None else out_dir / "logs"
+    log = MetricsLog(log_dir, resume_step=start_step if resume_state else None) if dist.is_main else None
     autocast = (torch.autocast(torch_device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else contextlib.nullcontext())
     t_scale = torch.tensor(teacher_cache.logit_scale if teacher_cache is not None else 1.0,
@@ -240,7 +252,6 @@ def train_student(
         return path
 
     last_checkpoint = resume_path if resume_state is not None else None
-    started = time.time()
     last_record: dict = {}
     model.train()
     with TeacherForwardCounter(train_model, loss_module) as teacher_forwards, \
@@ -324,14 +335,13 @@ def train_student(
         "final_loss": last_record.get("loss"), "final_losses": {
             k[5:]: v for k, v in last_record.items() if k.startswith("loss/")},
         "resumed_from_step": start_step if resume_state is not None else None,
-        "wall_seconds": round(time.time() - started, 3),
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         "export": str(out_dir / "export"),
     }
     all_records = [r for rank_records in _gather_objects(skipped_records, dist) for r in rank_records]
     if dist.is_main:
         log.close()
-        with open(out_dir / "logs" / "skipped.jsonl", "w") as f:
+        with open(log_dir / "skipped.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in all_records)
         export_clip(model, model_config, out_dir / "export")
         (out_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
