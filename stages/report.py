@@ -87,8 +87,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _t_central_probability(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer ``df``: the closed forms of Abramowitz &
-    Stegun 26.7.3 (odd df) and 26.7.4 (even df), with theta = atan(t / sqrt(df))."""
+    """P(|T| <= t) for Student's t with integer ``df``: the finite series for odd and even df
+    (Abramowitz & Stegun, section 26.7), with theta = atan(t / sqrt(df))."""
     theta = math.atan(t / math.sqrt(df))
     cos2, sin = math.cos(theta) ** 2, math.sin(theta)
     if df % 2 == 0:  # sin(theta) * (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2))
@@ -109,7 +109,7 @@ def _t_central_probability(t: float, df: int) -> float:
 
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom, by
-    bisection on the exact distribution function to machine precision
+    bisection on the exact distribution function to a relative 1e-12
     (``t_quantile(0.975, 2)`` = 4.3027)."""
     if not 0.5 < p < 1 or df < 1:
         raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1 (got p={p}, df={df})")
@@ -151,7 +151,11 @@ def _find_metrics_files(inputs: Sequence[str | Path]) -> list[Path]:
             if not matches:
                 raise UserError(f"no metrics file matches {item}")
             found += matches
-    unique = list({p.resolve(): p for p in reversed(found)}.values())[::-1]  # first spelling of each file
+    unique, seen = [], set()
+    for path in found:  # each file once, as first spelled
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
     if not unique:
         raise UserError("no metrics files to report on")
     return unique
@@ -415,7 +419,8 @@ def _paired_lines(paired: list[dict]) -> list[str]:
              "metric at every seed both ran (the same seed gives both the same data order and "
              "initialisation), its mean and 95% confidence interval: mean ± t(0.975, n - 1) · s / √n "
              f"(Student's t over the n seeds; {quantiles}). One seed gives no interval; two give a very "
-             "wide one. *Distinguishable*: the interval excludes 0.", ""]
+             "wide one; a zero-width one means the same difference at every seed. *Distinguishable*: "
+             "the interval excludes 0.", ""]
     if not paired:
         return lines + ["No two methods share a student and a seed.", ""]
     lines += [f"- {sentence}" for sentence in pair_sentences(paired)]
