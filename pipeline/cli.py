@@ -8,6 +8,7 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -144,6 +145,7 @@ def train_student_command(
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=1, help="Keep the newest N checkpoints."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint file or a run folder (its latest checkpoint)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default artifacts/students/<student>-<loss>-seed<seed>)."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Where the logs go (default <out>/logs): per-step metrics, TensorBoard events, skipped images. Outside --out, the run folder holds only what the inputs and the seed determine."),
     verify_cache: Optional[bool] = typer.Option(None, "--verify-cache/--no-verify-cache", help="Checksum every cache file first (default: only caches up to 2 GiB; bigger ones get a size check)."),
     log_every: int = typer.Option(50, "--log-every", min=1, help="Steps per log record: loss means, rates, data-wait and compute time, and the non-finite check (the one host-device sync of an interval)."),
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Where metrics.jsonl, TensorBoard events and skipped.jsonl go (default <out>/logs)."),
@@ -156,6 +158,7 @@ def train_student_command(
     from rdkd.stages.train_student import train_student
 
     spec = _data_spec(data, data_format, image_column, caption_column, key_column, separator)
+    started = time.perf_counter()
     summary = train_student(
         spec, student, loss, cache, init=init, weights=weight, scale_param=scale_param, epochs=epochs, steps=steps,
         batch_size=batch_size, lr=lr, weight_decay=wd, warmup=warmup, grad_clip=grad_clip,
@@ -166,8 +169,8 @@ def train_student_command(
     )
     final = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
     print(f"trained {summary['student']} with {summary['method']} for {summary['steps']} steps "
-          f"(final loss {final}, teacher forwards {summary['teacher_forwards']}, "
-          f"skipped {sum(summary['skipped'].values())}); export: {summary['export']}")
+          f"in {time.perf_counter() - started:.1f} s (final loss {final}, teacher forwards "
+          f"{summary['teacher_forwards']}, skipped {sum(summary['skipped'].values())}); export: {summary['export']}")
 
 
 # --- checkpoint upgrade ----------------------------------------------------------------------
@@ -229,6 +232,7 @@ def evaluate_command(
     tasks = [ZeroShotTask.parse(t) for t in zeroshot or []]
     run_info = {"method": method, "student": student, "seed": run_seed}
     target = out or (default_output(spec, cache, name, run_info) if (spec is not None) != (cache is not None) else None)
+    started = time.perf_counter()
     results = evaluate(
         target, data=data_spec, model=spec, cache=cache, teacher_cache=teacher_cache, zeroshot=tasks,
         index_factory=index_factory, search_params=search_params, batch_size=batch_size, workers=workers,
@@ -236,7 +240,8 @@ def evaluate_command(
         per_class=per_class, ranks=ranks, run_info=run_info, progress=progress,
     )
     shown = {k: v for k, v in results.items() if k.endswith(("_r1", "/top1", "knn10_img", "cka_img"))}
-    typer.echo(" ".join(f"{k}={v:.4f}" for k, v in shown.items()) + f" -> {target}")
+    typer.echo(" ".join(f"{k}={v:.4f}" for k, v in shown.items())
+               + f" -> {target} (in {time.perf_counter() - started:.1f} s)")
 
 
 @app.command("report")

@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -546,7 +547,7 @@ class LogWindow:
 class MetricsLog:
     """One record per log interval: a JSON line in ``metrics.jsonl`` and TensorBoard
     scalars. On resume the JSONL keeps only lines before the resumed step, so the log reads
-    as one run."""
+    as one run; a fresh run replaces the logs of an earlier run in the same folder."""
 
     def __init__(self, log_dir: Path, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -555,6 +556,7 @@ class MetricsLog:
         self.path = log_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
+            shutil.rmtree(log_dir / "tb", ignore_errors=True)  # or TensorBoard shows both runs as one
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= resume_step]

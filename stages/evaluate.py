@@ -24,13 +24,17 @@ Outputs (``out`` is the metrics file; default ``artifacts/eval/<name>/metrics.js
 
 - ``metrics.json``: one flat object of numbers (what ``dvc metrics`` reads);
 - ``evaluation.json`` beside it: what was scored and how (specs, fingerprints, index, seed,
-  skipped samples with reasons, timings);
-- ``labels.json`` beside it: ``{"method", "student", "seed"}``, the row labels of ``rdkd
-  report``. Taken from the ``run.json`` that ``rdkd train-student`` writes next to its
+  skipped samples with reasons; no timings: the bytes are the same from run to run);
+- ``labels.json`` beside it: ``{"method", "student", "seed", "teacher_forwards", "embed_dim"}``,
+  what ``rdkd report`` labels and compares runs by. Method, student, seed and teacher
+  forwards are taken from the ``run.json`` that ``rdkd train-student`` writes next to its
   ``export/`` folder when the model is such an export, overridden by ``run_info``;
   otherwise method ``teacher`` for a cache and ``open_clip`` for other models, student the
-  model's name, seed null.
+  model's name, seed and teacher forwards null. ``embed_dim``: the scored embeddings' width.
 - ``zeroshot_<task>_per_class.csv`` when ``per_class`` is set.
+
+The files hold no timings, host names or paths other than those given, so the same inputs
+give the same bytes (a pipeline can hash them).
 
 Bad input (missing files, a cache of another eval set, an empty class list, a template
 without ``{}``, an index factory FAISS rejects) raises :class:`UserError` before anything is
@@ -43,7 +47,6 @@ import contextlib
 import csv
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -455,7 +458,6 @@ def evaluate(
     exact count scans the gallery again for every query whose match is not in its top K.
     ``precision``: fp32, or bf16/fp16 autocast of the model's forward (fp16 needs CUDA).
     """
-    started = time.time()
     if (model is None) == (cache is None):
         raise UserError("evaluate needs exactly one of a model or --cache")
     if data is None and cache is None and not zeroshot:
@@ -532,9 +534,8 @@ def evaluate(
         zs_metrics, per_class_acc = _zero_shot(encoder, zs)
         results.update({f"zeroshot/{zs.task.name}/{k}": v for k, v in zs_metrics.items()})
         per_class_tables[zs.task.name] = list(zip(zs.classnames, per_class_acc.tolist()))
-    info["wall_seconds"] = round(time.time() - started, 3)
 
-    run = _run_labels(model, scored_cache, run_info)
+    run = _run_labels(model, scored_cache, run_info, dim)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
     atomic_write_json(out.parent / EVALUATION_INFO, info)
@@ -575,17 +576,17 @@ def _zero_shot(encoder: _Encoder, zs: _ZeroShotSet) -> tuple[dict[str, float], n
     return result, per_class
 
 
-def _run_labels(model, cache, run_info: dict[str, Any] | None) -> dict[str, Any]:
+def _run_labels(model, cache, run_info: dict[str, Any] | None, embed_dim: int) -> dict[str, Any]:
     if cache is not None:
         teacher = cache.manifest.get("teacher", {})
         spec = teacher.get("spec") if isinstance(teacher, dict) else None
         name = (spec or {}).get("name") or (spec or {}).get("config") or "teacher"
-        base = {"method": "teacher", "student": str(name), "seed": None}
+        base = {"method": "teacher", "student": str(name), "seed": None, "teacher_forwards": None}
     else:
         found = _discover_run_info(model) or {}
         base = {"method": found.get("method", "open_clip"), "student": found.get("student", _model_label(model)),
-                "seed": found.get("seed")}
+                "seed": found.get("seed"), "teacher_forwards": found.get("teacher_forwards")}
     base.update({k: v for k, v in (run_info or {}).items() if v is not None})
-    return base
+    return {**base, "embed_dim": int(embed_dim)}
 
 

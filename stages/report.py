@@ -2,22 +2,41 @@
 
 Input: ``metrics.json`` files written by ``rdkd evaluate`` (files, folders searched
 recursively, or glob patterns). Each run is labelled by the ``run.json`` beside its metrics
-file, ``{"method": ..., "student": ..., "seed": ...}`` (``rdkd evaluate`` writes it, copying
-the labels of the ``rdkd train-student`` run it scored). A metrics file without one is
-labelled by its path: a folder named ``seed<N>`` (or ``seed-<N>``, ``seed_<N>``) gives the
-seed and the two folders above it the student and the method
+file, ``{"method", "student", "seed", "teacher_forwards", "embed_dim"}`` (``rdkd evaluate``
+writes it, copying the labels of the ``rdkd train-student`` run it scored). A metrics file
+without one is labelled by its path: a folder named ``seed<N>`` (or ``seed-<N>``,
+``seed_<N>``) gives the seed and the two folders above it the student and the method
 (``.../<method>/<student>/seed<N>/metrics.json``); otherwise the method is the metrics
 file's folder name and the student ``-``.
 
-Output folder (default ``artifacts/report``):
+What is compared:
 
-- ``report.md``: per section (retrieval, zero-shot, fidelity) one Markdown table, a row per
-  (method, student), a column per metric, each cell ``mean ± std`` over that row's runs
-  (sample standard deviation, n - 1; a single run shows its value alone), with n per row;
-- ``runs.csv``: one row per run (path, method, student, seed, every metric);
+- headline metrics: retrieval R@1 both ways, zero-shot top-1 of each task, and the fidelity
+  of the image embeddings to the teacher (kNN@k overlap, linear CKA);
+- paired comparisons: for every two methods on the same student, the per-seed differences
+  of each headline metric over the seeds both ran (same seed: same data order and
+  initialisation, so the seed's own luck cancels), their mean and 95% confidence interval
+  (Student's t with n - 1 degrees of freedom; none for one seed), and one sentence per pair
+  and metric family; a difference is "distinguishable" when its interval excludes 0. The
+  later method of :data:`rdkd.losses.PRESETS` comes first (``cliprd - clipkd``);
+- the gap closed towards the teacher: (student - no-KD) / (teacher - no-KD), with no-KD the
+  ``clip`` method of the same student at the same seeds and the teacher the run labelled
+  ``teacher`` (when exactly one teacher is reported).
+
+Output folder (default ``artifacts/report``), byte-identical for the same inputs:
+
+- ``report.md``: the headline table (mean ± std, gap closed, embedding dim, teacher
+  forwards of every run), the paired comparisons (sentences and a table), then per section
+  (retrieval, zero-shot, fidelity) one table of every metric, a row per (method, student),
+  each cell ``mean ± std`` over that row's runs (sample standard deviation, n - 1; a single
+  run shows its value alone);
+- ``paired.csv``: one row per (student, pair, headline metric): seeds, per-seed differences,
+  mean, CI bounds, verdict;
+- ``runs.csv``: one row per run (metrics path as given, labels, every metric);
 - ``table.csv``: one row per (method, student): ``label``, ``n``, each metric's mean and
   ``<metric>__std`` (what ``dvc plots`` reads, e.g. ``x: label``, ``y: retrieval/i2t_r1``);
-- ``retrieval.png``, ``zeroshot.png``, ``fidelity.png``: grouped bars with ±std error bars.
+- ``retrieval.png``, ``zeroshot.png``, ``fidelity.png``: grouped bars with ±std error bars,
+  the legend in its own row under the axes.
 """
 
 from __future__ import annotations
@@ -27,6 +46,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from itertools import combinations
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,15 +55,92 @@ from rdkd.files import atomic_write, atomic_write_csv, atomic_write_text
 
 DEFAULT_OUT = Path("artifacts/report")
 DEFAULT_INPUTS = ("artifacts/eval/**/metrics.json",)
+NO_KD_METHOD = "clip"  # the student trained on the task loss alone: the baseline of "gap closed"
+TEACHER_METHOD = "teacher"
+CONFIDENCE = 0.95
 # Bookkeeping keys: counts of what was scored, not quality; kept in runs.csv, not in tables.
 _BOOKKEEPING = re.compile(r"/(images|captions|skipped|approximate)$")
 _SECTIONS = (("retrieval", "Retrieval"), ("zeroshot", "Zero-shot classification"), ("fidelity", "Geometry fidelity"))
 _SEED_DIR = re.compile(r"^seed[-_]?(\d+)$")
 # The labels file rdkd evaluate writes beside metrics.json, then its earlier name (still read).
 LABEL_FILES = ("labels.json", "run.json")
+# Headline metrics in the order they are shown: (pattern, family, label template).
+_HEADLINE = (
+    (re.compile(r"^retrieval/i2t_r1$"), "retrieval", "i2t R@1"),
+    (re.compile(r"^retrieval/t2i_r1$"), "retrieval", "t2i R@1"),
+    (re.compile(r"^zeroshot/(?P<task>[^/]+)/top1$"), "zero-shot", "{task} top-1"),
+    (re.compile(r"^fidelity/knn(?P<k>\d+)_img$"), "fidelity", "kNN@{k} overlap"),
+    (re.compile(r"^fidelity/cka_img$"), "fidelity", "CKA"),
+)
+# PNG metadata: matplotlib writes its version as "Software"; without it the bytes depend on
+# the drawing alone.
+_PNG_METADATA = {"Software": None}
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0.0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _t_central_probability(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer ``df``: the finite series for odd and even df
+    (Abramowitz & Stegun, section 26.7), with theta = atan(t / sqrt(df))."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2, sin = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2 == 0:  # sin(theta) * (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2))
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            total += term
+        return sin * total
+    if df == 1:
+        return 2 * theta / math.pi
+    # 2/pi * (theta + sin(theta) * (cos + 2/3 cos^3 + 2*4/(3*5) cos^5 + ... up to cos^(df-2)))
+    term = total = math.sqrt(cos2)
+    for k in range(1, (df - 1) // 2):
+        term *= cos2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (theta + sin * total)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom, by
+    bisection on the exact distribution function to a relative 1e-12
+    (``t_quantile(0.975, 2)`` = 4.3027)."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1 (got p={p}, df={df})")
+    central = 2 * p - 1
+    low, high = 0.0, 1.0
+    while _t_central_probability(high, df) < central:
+        high *= 2
+    while high - low > 1e-12 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_central_probability(mid, df) < central else (low, mid)
+    return (low + high) / 2
+
+
+def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float | None, float | None]:
+    """Mean and the Student's t confidence interval of the mean, ``(mean, low, high)``;
+    the bounds are None for a single value (no spread to estimate)."""
+    n = len(values)
+    mean, std = mean_std(values)
+    if n < 2:
+        return mean, None, None
+    half = t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# --- runs -----------------------------------------------------------------------------------
 
 
 def _find_metrics_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """Metrics files as found (paths as given, relative stays relative), each once."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -56,14 +153,19 @@ def _find_metrics_files(inputs: Sequence[str | Path]) -> list[Path]:
             if not matches:
                 raise UserError(f"no metrics file matches {item}")
             found += matches
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    unique, seen = [], set()
+    for path in found:  # each file once, as first spelled
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
     if not unique:
         raise UserError("no metrics files to report on")
     return unique
 
 
 def run_labels(metrics_file: Path) -> dict[str, Any]:
-    """``method``, ``student``, ``seed`` of one run (see the module docstring)."""
+    """``method``, ``student``, ``seed``, ``teacher_forwards``, ``embed_dim`` of one run (see
+    the module docstring; the last two are None when unknown)."""
     info_file = next((metrics_file.parent / name for name in LABEL_FILES if (metrics_file.parent / name).is_file()),
                      None)
     if info_file is not None:
@@ -72,13 +174,15 @@ def run_labels(metrics_file: Path) -> dict[str, Any]:
         except ValueError:
             raise UserError(f"{info_file} is not valid JSON") from None
         return {"method": str(info.get("method", "-")), "student": str(info.get("student", "-")),
-                "seed": info.get("seed")}
+                "seed": info.get("seed"), "teacher_forwards": info.get("teacher_forwards"),
+                "embed_dim": info.get("embed_dim")}
+    unknown = {"teacher_forwards": None, "embed_dim": None}
     parts = metrics_file.parent.parts
     for i in range(len(parts) - 1, 1, -1):
         match = _SEED_DIR.match(parts[i])
         if match:
-            return {"method": parts[i - 2], "student": parts[i - 1], "seed": int(match.group(1))}
-    return {"method": metrics_file.parent.name, "student": "-", "seed": None}
+            return {"method": parts[i - 2], "student": parts[i - 1], "seed": int(match.group(1)), **unknown}
+    return {"method": metrics_file.parent.name, "student": "-", "seed": None, **unknown}
 
 
 def _load_metrics(path: Path) -> dict[str, float]:
@@ -91,12 +195,184 @@ def _load_metrics(path: Path) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0.0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+def _natural(name: str) -> list:
+    """Sort key that puts r5 before r10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def headline_metrics(all_metrics: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(metric, family, label)`` of the headline metrics present, in display order."""
+    found = []
+    for pattern, family, label in _HEADLINE:
+        for metric in sorted(all_metrics, key=_natural):
+            match = pattern.match(metric)
+            if match:
+                found.append((metric, family, label.format(**match.groupdict())))
+    return found
+
+
+def _method_order(methods: Sequence[str]) -> list[str]:
+    """Presets in rdkd.losses order (simpler recipes first), then other labels by name."""
+    from rdkd.losses import PRESETS
+
+    known = list(PRESETS)
+    return sorted(methods, key=lambda m: (known.index(m), "") if m in known else (len(known), m))
+
+
+# --- comparisons ----------------------------------------------------------------------------
+
+
+def _by_seed(runs: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+    """(method, student) -> seed -> run, for runs with a seed; two runs with the same three
+    labels cannot be paired, so that is an error."""
+    table: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for run in runs:
+        if run["seed"] is None or run["method"] == TEACHER_METHOD:
+            continue
+        seeds = table[(run["method"], run["student"])]
+        if run["seed"] in seeds:
+            raise UserError(f"two runs are labelled {run['method']} / {run['student']} / seed {run['seed']}: "
+                            f"{seeds[run['seed']]['path']} and {run['path']}; report them separately")
+        seeds[run["seed"]] = run
+    return table
+
+
+def paired_comparisons(runs: list[dict], headline: list[tuple[str, str, str]]) -> list[dict]:
+    """One row per (student, pair of methods, headline metric) over the seeds both methods
+    ran: ``seeds``, per-seed ``differences`` (first method minus second), ``mean``, ``low``,
+    ``high`` (95% CI, None for one seed), ``distinguishable`` (None for one seed)."""
+    table = _by_seed(runs)
+    rows = []
+    for student in sorted({s for _, s in table}):
+        methods = _method_order([m for m, s in table if s == student])
+        for earlier, later in combinations(methods, 2):
+            a, b = table[(later, student)], table[(earlier, student)]
+            for metric, family, label in headline:
+                seeds = sorted(s for s in a.keys() & b.keys()
+                               if metric in a[s]["metrics"] and metric in b[s]["metrics"])
+                if not seeds:
+                    continue
+                diffs = [a[s]["metrics"][metric] - b[s]["metrics"][metric] for s in seeds]
+                mean, low, high = mean_ci(diffs)
+                rows.append({"student": student, "a": later, "b": earlier, "metric": metric, "family": family,
+                             "label": label, "seeds": seeds, "differences": diffs, "mean": mean, "low": low,
+                             "high": high,
+                             "distinguishable": None if low is None else bool(low > 0 or high < 0)})
+    return rows
+
+
+def gap_closed(runs: list[dict], groups: list[dict], headline: list[tuple[str, str, str]]) -> dict:
+    """(method, student) -> metric -> (student - no-KD) / (teacher - no-KD) over the seeds
+    the method shares with the no-KD run of its student. Empty unless exactly one teacher
+    is reported; a metric is left out where the teacher does not beat no-KD at all."""
+    teachers = [g for g in groups if g["method"] == TEACHER_METHOD]
+    if len(teachers) != 1:
+        return {}
+    teacher = teachers[0]["stats"]
+    table = _by_seed(runs)
+    gaps: dict[tuple[str, str], dict[str, float]] = {}
+    for (method, student), seeds in table.items():
+        no_kd = table.get((NO_KD_METHOD, student), {})
+        for metric, _, _ in headline:
+            shared = [s for s in seeds if s in no_kd and metric in seeds[s]["metrics"]
+                      and metric in no_kd[s]["metrics"]]
+            if not shared or metric not in teacher:
+                continue
+            mine = sum(seeds[s]["metrics"][metric] for s in shared) / len(shared)
+            base = sum(no_kd[s]["metrics"][metric] for s in shared) / len(shared)
+            room = teacher[metric][0] - base
+            if room > 1e-12:
+                gaps.setdefault((method, student), {})[metric] = (mine - base) / room
+    return gaps
+
+
+def _interval(row: dict) -> str:
+    if row["low"] is None:
+        return f"{row['mean']:+.3f}"
+    return f"{row['mean']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
+def _verdict(row: dict) -> str:
+    if row["distinguishable"] is None:
+        return "one seed, no CI"
+    return "distinguishable" if row["distinguishable"] else "not distinguishable"
+
+
+def _seed_phrase(seeds: Sequence[int]) -> str:
+    return f"over {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
+
+
+def pair_sentences(rows: list[dict]) -> list[str]:
+    """One sentence per (student, pair, metric family), e.g. ``cliprd - clipkd on
+    demo-student-vit, retrieval over 3 seeds (0, 1, 2): i2t R@1 +0.006 [-0.028, +0.040],
+    not distinguishable; ...``."""
+    families: dict[tuple[str, str, str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        families[(row["student"], row["a"], row["b"], row["family"])].append(row)
+    sentences = []
+    for (student, a, b, family), members in families.items():
+        same_seeds = all(r["seeds"] == members[0]["seeds"] for r in members)
+        head = f"{a} - {b} on {student}, {family}" + (f" {_seed_phrase(members[0]['seeds'])}" if same_seeds else "")
+        clauses = [f"{r['label']} {_interval(r)}"
+                   + (f" {_seed_phrase(r['seeds'])}" if not same_seeds else "")
+                   + ("" if r["distinguishable"] is None else f", {_verdict(r)}") for r in members]
+        tail = ""
+        sizes = {len(r["seeds"]) for r in members}
+        if 1 in sizes:
+            tail = " (one seed: a difference without a confidence interval, no verdict)"
+        elif 2 in sizes:
+            tail = f" (2 seeds: t = {t_quantile(0.5 + CONFIDENCE / 2, 1):.1f}, so the intervals are very wide)"
+        sentences.append(f"{head}: {'; '.join(clauses)}.{tail}")
+    return sentences
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def report(inputs: Sequence[str | Path] = DEFAULT_INPUTS, out: str | Path = DEFAULT_OUT) -> dict[str, Any]:
+    """Aggregate and compare the runs; write the report files; return ``{"runs", "groups",
+    "paired", "gap_closed", "plots"}``."""
+    files = _find_metrics_files(inputs)
+    runs = [{"path": f.as_posix(), **run_labels(f), "metrics": _load_metrics(f)} for f in files]
+
+    grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for run in runs:
+        grouped[(run["method"], run["student"])].append(run)
+    all_metrics = sorted({m for run in runs for m in run["metrics"]}, key=_natural)
+    groups = []
+    order = _method_order(sorted({method for method, _ in grouped}))
+    # rows by student, methods in preset order within a student, the teacher last
+    for (method, student), members in sorted(grouped.items(), key=lambda item: (
+            item[0][0] == TEACHER_METHOD, item[0][1], order.index(item[0][0]))):
+        members.sort(key=lambda r: (r["seed"] is None, r["seed"] if r["seed"] is not None else 0, r["path"]))
+        stats = {}
+        for metric in all_metrics:
+            values = [r["metrics"][metric] for r in members if metric in r["metrics"]]
+            if values:
+                stats[metric] = (*mean_std(values), len(values))
+        seeds = sorted({r["seed"] for r in members if r["seed"] is not None})
+        groups.append({"method": method, "student": student, "n": len(members), "seeds": seeds, "stats": stats,
+                       "embed_dims": sorted({r["embed_dim"] for r in members if r["embed_dim"] is not None}),
+                       "teacher_forwards": [r["teacher_forwards"] for r in members]})
+    headline = headline_metrics(all_metrics)
+    paired = paired_comparisons(runs, headline)
+    gaps = gap_closed(runs, groups, headline)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_runs_csv(out / "runs.csv", runs, all_metrics)
+    _write_table_csv(out / "table.csv", groups, all_metrics)
+    _write_paired_csv(out / "paired.csv", paired)
+    plots = _plot_sections(out, groups, all_metrics)
+    _write_markdown(out / "report.md", groups, all_metrics, headline, paired, gaps, plots, len(runs))
+    return {"runs": runs, "groups": groups, "paired": paired, "gap_closed": gaps, "plots": [str(p) for p in plots]}
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _section_metrics(all_metrics: list[str], prefix: str) -> list[str]:
+    return [m for m in all_metrics if m.startswith(prefix + "/") and not _BOOKKEEPING.search(m)]
 
 
 def _format(mean: float, std: float, n: int, metric: str) -> str:
@@ -104,59 +380,80 @@ def _format(mean: float, std: float, n: int, metric: str) -> str:
     return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def report(inputs: Sequence[str | Path] = DEFAULT_INPUTS, out: str | Path = DEFAULT_OUT) -> dict[str, Any]:
-    """Aggregate the runs; write the report files; return ``{"runs": [...], "groups": [...]}``."""
-    files = _find_metrics_files(inputs)
-    runs = [{"path": str(f), **run_labels(f), "metrics": _load_metrics(f)} for f in files]
-
-    grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for run in runs:
-        grouped[(run["method"], run["student"])].append(run)
-    all_metrics = sorted({m for run in runs for m in run["metrics"]}, key=_natural)
-    groups = []
-    for (method, student), members in sorted(grouped.items()):
-        stats = {}
-        for metric in all_metrics:
-            values = [r["metrics"][metric] for r in members if metric in r["metrics"]]
-            if values:
-                stats[metric] = (*mean_std(values), len(values))
-        seeds = sorted({r["seed"] for r in members if r["seed"] is not None})
-        groups.append({"method": method, "student": student, "n": len(members), "seeds": seeds, "stats": stats})
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_runs_csv(out / "runs.csv", runs, all_metrics)
-    _write_table_csv(out / "table.csv", groups, all_metrics)
-    plots = _plot_sections(out, groups, all_metrics)
-    _write_markdown(out / "report.md", groups, all_metrics, plots, len(runs))
-    return {"runs": runs, "groups": groups, "plots": [str(p) for p in plots]}
+def _row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def _natural(name: str) -> list:
-    """Sort key that puts r5 before r10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+def _joined(values: Sequence[Any]) -> str:
+    return ",".join("-" if v is None else str(v) for v in values) or "-"
 
 
-def _section_metrics(all_metrics: list[str], prefix: str) -> list[str]:
-    return [m for m in all_metrics if m.startswith(prefix + "/") and not _BOOKKEEPING.search(m)]
+def _headline_lines(groups: list[dict], headline: list[tuple[str, str, str]], gaps: dict) -> list[str]:
+    lines = ["## Headline metrics", "",
+             "Mean ± sample std over each row's seeds. *gap*: the gap closed towards the teacher, "
+             f"(student - no-KD) / (teacher - no-KD), no-KD being the `{NO_KD_METHOD}` run of the same "
+             "student at the same seeds (blank without such a run or where the teacher is not ahead "
+             "of it). *dim*: embedding width. *teacher forwards*: forward passes "
+             "of an open_clip model other than the student during each run's training, in seed order "
+             "(counted by `rdkd train-student`; 0: the student learned from the teacher cache alone).", ""]
+    header = ["method", "student", "dim", "n", "seeds", "teacher forwards"]
+    for _, _, label in headline:
+        header += [label] + (["gap"] if gaps else [])
+    lines.append(_row(header))
+    lines.append("|" + "|".join(["---"] * 6 + ["---:"] * (len(header) - 6)) + "|")
+    for g in groups:
+        cells = [g["method"], g["student"], _joined(g["embed_dims"]), g["n"], _joined(g["seeds"]),
+                 _joined(g["teacher_forwards"])]
+        for metric, _, _ in headline:
+            cells.append(_format(*g["stats"][metric], metric) if metric in g["stats"] else "")
+            if gaps:
+                gap = gaps.get((g["method"], g["student"]), {}).get(metric)
+                cells.append("" if gap is None else f"{gap:.0%}")
+        lines.append(_row(cells))
+    if not gaps:
+        lines += ["", f"(No gap closed: it needs exactly one run labelled `{TEACHER_METHOD}`.)"]
+    return lines + [""]
 
 
-def _write_markdown(path: Path, groups: list[dict], all_metrics: list[str], plots: list[Path], n_runs: int) -> None:
+def _paired_lines(paired: list[dict]) -> list[str]:
+    quantiles = ", ".join(f"n={n}: t={t_quantile(0.5 + CONFIDENCE / 2, n - 1):.2f}" for n in (2, 3, 5))
+    lines = ["## Paired comparisons", "",
+             "For two methods on the same student, the difference (first minus second) of each headline "
+             "metric at every seed both ran (the same seed gives both the same data order and "
+             "initialisation), its mean and 95% confidence interval: mean ± t(0.975, n - 1) · s / √n "
+             f"(Student's t over the n seeds; {quantiles}). One seed gives no interval; two give a very "
+             "wide one; a zero-width one means the same difference at every seed. *Distinguishable*: "
+             "the interval excludes 0.", ""]
+    if not paired:
+        return lines + ["No two methods share a student and a seed.", ""]
+    lines += [f"- {sentence}" for sentence in pair_sentences(paired)]
+    lines += ["", _row(["student", "comparison", "metric", "n", "per-seed differences", "mean [95% CI]", "verdict"]),
+              "|---|---|---|---:|---|---|---|"]
+    for r in paired:
+        lines.append(_row([r["student"], f"{r['a']} - {r['b']}", r["label"], len(r["seeds"]),
+                           ", ".join(f"{d:+.3f}" for d in r["differences"]), _interval(r), _verdict(r)]))
+    return lines + [""]
+
+
+def _write_markdown(path: Path, groups: list[dict], all_metrics: list[str], headline: list[tuple[str, str, str]],
+                    paired: list[dict], gaps: dict, plots: list[Path], n_runs: int) -> None:
     lines = ["# rdkd evaluation report", "",
-             f"{n_runs} runs in {len(groups)} groups (method x student). Cells: mean ± sample std "
-             "over the group's runs (seeds); a single run shows its value alone.", ""]
+             f"{n_runs} runs in {len(groups)} groups (method x student).", ""]
+    if headline:
+        lines += _headline_lines(groups, headline, gaps)
+    lines += _paired_lines(paired)
+    lines += ["## Every metric", "",
+              "Cells: mean ± sample std over the group's runs (seeds); a single run shows its value alone.", ""]
     for prefix, title in _SECTIONS:
         metrics = _section_metrics(all_metrics, prefix)
         if not metrics:
             continue
-        lines += [f"## {title}", ""]
-        header = ["method", "student", "n", "seeds"] + [m[len(prefix) + 1:] for m in metrics]
-        lines.append("| " + " | ".join(header) + " |")
+        lines += [f"### {title}", ""]
+        lines.append(_row(["method", "student", "n", "seeds"] + [m[len(prefix) + 1:] for m in metrics]))
         lines.append("|" + "|".join(["---"] * 4 + ["---:"] * len(metrics)) + "|")
         for g in groups:
             cells = [_format(*g["stats"][m], m) if m in g["stats"] else "" for m in metrics]
-            seeds = ",".join(str(s) for s in g["seeds"]) or "-"
-            lines.append("| " + " | ".join([g["method"], g["student"], str(g["n"]), seeds] + cells) + " |")
+            lines.append(_row([g["method"], g["student"], g["n"], _joined(g["seeds"])] + cells))
         plot = next((p for p in plots if p.stem == prefix), None)
         if plot is not None:
             lines += ["", f"![{title}]({plot.name})"]
@@ -165,9 +462,10 @@ def _write_markdown(path: Path, groups: list[dict], all_metrics: list[str], plot
 
 
 def _write_runs_csv(path: Path, runs: list[dict], all_metrics: list[str]) -> None:
-    rows = [[r["path"], r["method"], r["student"], "" if r["seed"] is None else r["seed"]]
+    labels = ["method", "student", "seed", "teacher_forwards", "embed_dim"]
+    rows = [[r["path"]] + ["" if r[k] is None else r[k] for k in labels]
             + [r["metrics"].get(m, "") for m in all_metrics] for r in runs]
-    atomic_write_csv(path, ["path", "method", "student", "seed"] + all_metrics, rows)
+    atomic_write_csv(path, ["path"] + labels + all_metrics, rows)
 
 
 def _write_table_csv(path: Path, groups: list[dict], all_metrics: list[str]) -> None:
@@ -183,34 +481,57 @@ def _write_table_csv(path: Path, groups: list[dict], all_metrics: list[str]) -> 
     atomic_write_csv(path, header, rows)
 
 
-def _plot_sections(out: Path, groups: list[dict], all_metrics: list[str]) -> list[Path]:
-    import matplotlib
+def _write_paired_csv(path: Path, paired: list[dict]) -> None:
+    header = ["student", "a", "b", "metric", "n", "seeds", "differences", "mean", "ci_low", "ci_high",
+              "distinguishable"]
+    rows = [[r["student"], r["a"], r["b"], r["metric"], len(r["seeds"]), " ".join(map(str, r["seeds"])),
+             " ".join(repr(d) for d in r["differences"]), r["mean"],
+             "" if r["low"] is None else r["low"], "" if r["high"] is None else r["high"],
+             "" if r["distinguishable"] is None else str(r["distinguishable"]).lower()] for r in paired]
+    atomic_write_csv(path, header, rows)
 
-    matplotlib.use("Agg")
+
+def _plot_sections(out: Path, groups: list[dict], all_metrics: list[str]) -> list[Path]:
     import matplotlib.pyplot as plt
-    import numpy as np
 
     written = []
     for prefix, title in _SECTIONS:
         metrics = [m for m in _section_metrics(all_metrics, prefix) if not m.endswith("_rank")]
         if not metrics:
             continue
-        width = 0.8 / max(1, len(groups))
-        x = np.arange(len(metrics))
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(metrics) + 2), 4.0))
-        for j, g in enumerate(groups):
-            means = [g["stats"][m][0] if m in g["stats"] else np.nan for m in metrics]
-            stds = [g["stats"][m][1] if m in g["stats"] else 0.0 for m in metrics]
-            ax.bar(x + (j - (len(groups) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
-                   label=f"{g['method']} / {g['student']} (n={g['n']})")
-        ax.set_xticks(x, [m[len(prefix) + 1:] for m in metrics], rotation=45, ha="right")
-        ax.set_title(title)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
+        fig = bar_chart(groups, metrics, prefix, title)
         path = out / f"{prefix}.png"
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", metadata=_PNG_METADATA))
         plt.close(fig)
         written.append(path)
     return written
 
 
+def bar_chart(groups: list[dict], metrics: list[str], prefix: str, title: str):
+    """Grouped bars (a group per (method, student), ±std error bars) of one section, with
+    the legend in rows of its own under the axes and tick labels: it never covers a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    width = 0.8 / max(1, len(groups))
+    x = np.arange(len(metrics))
+    # constrained layout reserves the space the "outside" legend needs below the axes
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(metrics) + 2), 4.0 + 0.25 * math.ceil(len(groups) / 2)),
+                           layout="constrained")
+    for j, g in enumerate(groups):
+        means = [g["stats"][m][0] if m in g["stats"] else np.nan for m in metrics]
+        stds = [g["stats"][m][1] if m in g["stats"] else 0.0 for m in metrics]
+        ax.bar(x + (j - (len(groups) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
+               label=f"{g['method']} / {g['student']} (n={g['n']})")
+    ax.set_xticks(x, [m[len(prefix) + 1:] for m in metrics], rotation=45, ha="right")
+    ax.set_title(title)
+    renderer = fig.canvas.get_renderer()
+    for columns in range(min(3, len(groups)), 0, -1):  # as many columns as fit the figure's width
+        legend = fig.legend(loc="outside lower center", ncol=columns, fontsize="small", frameon=False)
+        if columns == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+            break
+        legend.remove()
+    return fig

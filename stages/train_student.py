@@ -41,11 +41,13 @@ import contextlib
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from rdkd import checkpoints, distributed, runtime, streaming
@@ -318,8 +320,11 @@ def setup(config: TrainConfig) -> Run:
     if any(losses.TERMS[name].uses_teacher for name in term_weights) and cache is None:
         raise UserError(f"--loss {config.method} distils from a teacher: give its embedding cache with --cache")
 
-    # student (the seed fixes its random init and the loss's heads)
+    # student (the seed fixes its random init and the loss's heads); Python's and numpy's
+    # global RNGs are unused by training, but their states go into every checkpoint
     torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
     init_state = _rdkd_checkpoint_model(Path(config.init)) if config.init is not None else None
     built = create_student(config.student, init=None if config.init is None or init_state is not None
                            else config.init, device=device)
