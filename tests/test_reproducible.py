@@ -45,7 +45,7 @@ def test_a_rerun_writes_the_same_run_folder(tmp_path, csv_dataset, tiny_clip_con
 def test_a_fresh_run_replaces_the_logs_of_an_earlier_one(tmp_path, csv_dataset, tiny_clip_config) -> None:
     logs = tmp_path / "logs"
     for name in ("first", "second"):
-        train_student(csv_dataset, str(tiny_clip_config), "clip", steps=2, out=tmp_path / name, log_dir=logs, **FAST)
+        train_student(csv_dataset, str(tiny_clip_config), "clip", steps=2, out=tmp_path / name, log_dir=logs, log_every=1, **FAST)
     assert len(list((logs / "tb").iterdir())) == 1  # one run's events, not two runs' mixed
     assert len((logs / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -56,5 +56,5 @@ def test_an_evaluation_rerun_writes_the_same_bytes(tmp_path, csv_dataset, tiny_t
         out = tmp_path / name / "metrics.json"
         evaluate(out, data=csv_dataset, model=tiny_teacher, workers=0, batch_size=5, device="cpu")
         outs.append(_files(out.parent))
-    assert sorted(outs[0]) == ["evaluation.json", "metrics.json", "run.json"]
+    assert sorted(outs[0]) == ["evaluation.json", "labels.json", "metrics.json"]
     assert outs[0] == outs[1]
