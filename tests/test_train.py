@@ -309,10 +309,11 @@ def test_teacher_forward_counter_sees_a_teacher(tiny_teacher):
 
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, teacher_cache, tiny_vit):
     """7 steps straight vs interrupted after the step-4 checkpoint (mid-epoch: 3 steps per
-    epoch) and resumed with DataLoader workers: identical weights, loss state and optimizer."""
+    epoch; mid log window: records every 3 steps) and resumed with DataLoader workers:
+    identical weights, loss state, optimizer and log records."""
     import rdkd.stages.train_student as stage
 
-    args = dict(steps=7, save_every=2, **{**FAST, "lr": 1e-3})
+    args = dict(steps=7, save_every=2, **{**FAST, "lr": 1e-3, "log_every": 3})
     straight = tmp_path / "straight"
     train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, out=straight, **args)
 
@@ -341,7 +342,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, tea
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
-    assert [m["loss"] for m in _metrics(straight)] == [m["loss"] for m in _metrics(interrupted)]
+    records = [[(m["step"], m["loss"]) for m in _metrics(run)] for run in (straight, interrupted)]
+    assert records[0] == records[1] and [step for step, _ in records[0]] == [3, 6, 7]
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_checkpoint(

@@ -1,5 +1,6 @@
 """The GPU feed of train-student: no host sync inside a step, compact batches, log windows,
-the non-finite check at log points and checkpoints, resume of a log window.
+the non-finite check at log points and checkpoints, batches built in pieces. (Resume in the
+middle of a log window: tests/test_train.py's resume test.)
 
 Counted on CPU: the operations that would make a CUDA host wait for the device dispatch the
 same way here (``rdkd.runtime.HostSyncCounter``).
@@ -8,7 +9,6 @@ same way here (``rdkd.runtime.HostSyncCounter``).
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -128,34 +128,6 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, monkeyp
     with pytest.raises(LossNotFinite, match="weights are not finite .*step-00000002.pt"):
         train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=6, save_every=2, out=run, **QUIET)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.pt"]
-
-
-def test_resume_continues_the_log_window(tmp_path, monkeypatch, csv_dataset, teacher_cache, tiny_vit):
-    """Interrupted after the step-4 checkpoint, in the middle of the 4-6 window: the resumed
-    run logs the same records as the uninterrupted one."""
-    import rdkd.stages.train_student as stage
-
-    args = dict(steps=7, save_every=2, log_every=3, **QUIET)
-    straight = tmp_path / "straight"
-    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, out=straight, **args)
-    real_save = stage.save_checkpoint
-
-    def save_then_stop(path, state):
-        real_save(path, state)
-        if state["position"]["step"] == 4:
-            raise KeyboardInterrupt
-
-    interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(stage, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, out=interrupted, **args)
-    monkeypatch.setattr(stage, "save_checkpoint", real_save)
-    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, resume=interrupted, **args)
-    keep = ("step", "loss", "loss/vrd", "loss/xrd")
-    assert ([{k: r[k] for k in keep} for r in _metrics(straight)]
-            == [{k: r[k] for k in keep} for r in _metrics(interrupted)])
-    run_json = json.loads((interrupted / "run.json").read_text())
-    assert run_json["resumed_from_step"] == 4 and "wall_seconds" not in run_json
 
 
 def test_batches_built_in_pieces_train_exactly_like_whole_batches(tmp_path, monkeypatch, csv_dataset,
