@@ -39,6 +39,7 @@ def _quick_project(work: Path) -> dict:
     """A DVC project in ``work``: this repo's dvc.yaml with params-quick.yaml laid over params.yaml."""
     work.mkdir(parents=True)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    shutil.copy(REPO / ".dvcignore", work / ".dvcignore")  # the dataset index cache beside the demo data
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                     yaml.safe_load((REPO / "params-quick.yaml").read_text()))
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -50,6 +51,10 @@ def _quick_project(work: Path) -> dict:
 def _repro(work: Path) -> str:
     repro = _dvc(["repro"], work, timeout=DVC_TIMEOUT_S)
     assert repro.returncode == 0, repro.stdout[-4000:] + repro.stderr[-4000:]
+    # reading the data wrote its index cache there, which leaves every stage up to date
+    assert list((work / "artifacts/demo/data").rglob(".rdkd-index"))
+    status = _dvc(["status", "--json"], work)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
     return repro.stdout
 
 
