@@ -215,9 +215,9 @@ def train_student(data: Any, student: str, loss: str = "cliprd", cache: str | Pa
     config = TrainConfig(data=data, student=student, method=loss,
                          cache=str(cache) if cache is not None else None, **options)
     joined_here = not torch.distributed.is_initialized()
-    run = setup(config)
     log = None
     try:
+        run = setup(config)
         progress = restore(run)
         window = LogWindow(list(run.loss_module.weights), run.device, step=progress.step)
         if run.resume_state is not None and "log_window" in run.resume_state:
