@@ -346,26 +346,43 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, tea
     assert records[0] == records[1] and [step for step, _ in records[0]] == [3, 6, 7]
 
 
-def test_nan_loss_stops_naming_step_and_term_and_keeps_checkpoint(
-        tmp_path, monkeypatch, capsys, csv_dataset, teacher_cache, tiny_vit):
+def xrd_goes_nan_from_call(monkeypatch, first_bad_call: int) -> None:
+    """Make the xrd term NaN from its ``first_bad_call``-th evaluation on (one per step)."""
     import rdkd.losses as losses
 
     real = losses.TERMS["xrd"]
     calls = []
 
-    def xrd_goes_nan(rel, scales):
+    def xrd(rel, scales):
         calls.append(1)
         value = real.compute(rel, scales)
-        return value * float("nan") if len(calls) >= 3 else value
+        return value * float("nan") if len(calls) >= first_bad_call else value
 
-    monkeypatch.setitem(losses.TERMS, "xrd", dataclasses.replace(real, compute=xrd_goes_nan))
+    monkeypatch.setitem(losses.TERMS, "xrd", dataclasses.replace(real, compute=xrd))
+
+
+@pytest.mark.parametrize("save_every, log_every, says, kept", [
+    # a checkpoint comes first: it checks before writing, the last good one stays
+    ("2", "50", "checked at step 4); run stopped, last good checkpoint", ["step-00000002.pt"]),
+    # a log point comes first: no checkpoint was ever written
+    ("100", "5", "checked at step 5); run stopped, no checkpoint was written yet", None),
+])
+def test_nan_loss_stops_naming_step_and_term_and_keeps_checkpoint(
+        save_every, log_every, says, kept, tmp_path, monkeypatch, capsys, csv_dataset, teacher_cache, tiny_vit):
+    """A non-finite loss is caught at the next log point or checkpoint, whichever comes
+    first: one line naming the term and its first bad step, exit 3 (not bad input)."""
+    xrd_goes_nan_from_call(monkeypatch, 3)
     run = tmp_path / "run"
     code, err = run_cli(["train-student", "--data", csv_dataset.path, "--cache", str(teacher_cache),
-                      "--student", tiny_vit, "--loss", "cliprd", "--steps", "6", "--batch-size", "4",
-                      "--save-every", "2", "--workers", "0", "--no-progress", "--out", str(run)], capsys)
+                         "--student", tiny_vit, "--loss", "cliprd", "--steps", "6", "--batch-size", "4",
+                         "--save-every", save_every, "--log-every", log_every, "--workers", "0",
+                         "--no-progress", "--out", str(run)], capsys)
     line = _one_error_line(err)
-    assert code == 3 and "xrd" in line and "step 3" in line and "step-00000002.pt" in line
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.pt"]
+    assert code == 3 and "loss term xrd is not finite from step 3" in line and says in line
+    if kept:
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == kept and kept[-1] in line
+    else:
+        assert not (run / "checkpoints").exists()
     assert not (run / "run.json").exists()
 
 
