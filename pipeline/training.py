@@ -526,14 +526,22 @@ class LogWindow:
     def read(self, *scalars: torch.Tensor) -> tuple[dict[str, float], dict[str, int], list[float]]:
         """(mean of each term over the window, first non-finite step of each term that had
         one, the values of ``scalars``), then an empty window."""
-        host = torch.cat([self.sums, self.first_bad.double(),
-                          *(x.detach().double().reshape(-1) for x in scalars)]).to("cpu", copy=True).tolist()
         n = len(self.names)
+        host = _to_host(self.sums, self.first_bad, *scalars)
         means = {name: host[i] / max(1, self.steps) for i, name in enumerate(self.names)}
-        bad = {name: int(host[n + i]) for i, name in enumerate(self.names) if host[n + i] >= 0}
         self.sums.zero_()
         self.steps = 0
-        return means, bad, host[2 * n:]
+        return means, self._bad(host[n:2 * n]), host[2 * n:]
+
+    def check(self, *scalars: torch.Tensor) -> tuple[dict[str, int], list[float]]:
+        """(first non-finite step of each term that had one, the values of ``scalars``),
+        the window left as it is."""
+        n = len(self.names)
+        host = _to_host(self.first_bad, *scalars)
+        return self._bad(host[:n]), host[n:]
+
+    def _bad(self, first_bad: list[float]) -> dict[str, int]:
+        return {name: int(step) for name, step in zip(self.names, first_bad) if step >= 0}
 
     def state_dict(self) -> dict:
         return {"sums": self.sums.cpu(), "first_bad": self.first_bad.cpu(), "steps": self.steps}
@@ -542,6 +550,11 @@ class LogWindow:
         self.sums.copy_(state["sums"])
         self.first_bad.copy_(state["first_bad"])
         self.steps = int(state["steps"])
+
+
+def _to_host(*tensors: torch.Tensor) -> list[float]:
+    """The values of ``tensors``, flattened, in one copy to the host (one synchronisation)."""
+    return torch.cat([t.detach().double().reshape(-1) for t in tensors]).to("cpu", copy=True).tolist()
 
 
 class MetricsLog:

@@ -441,7 +441,8 @@ def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
 
 
 def _sample_bytes(image_cfg: ImageCfg, model_config: dict, teacher_dim: int | None) -> int:
-    """Bytes of one sample as the workers ship it: uint8 image, tokens, two teacher rows."""
+    """Bytes of one sample as the workers ship it, at most: uint8 image, int64 tokens, two
+    teacher rows (counted as float32, the widest storage dtype)."""
     height, width = image_cfg.size
     context = model_config.get("text_cfg", {}).get("context_length", 77)
     return 3 * height * width + 8 * context + 2 * (teacher_dim or 0) * 4
@@ -511,10 +512,10 @@ def _checkpoint(run: Run, window: LogWindow, progress: Progress) -> None:
     """Write the full training state (rank 0), after checking that no loss term and no
     weight is non-finite: a checkpoint is always one a run can go on from."""
     weights_finite = torch.stack([p.detach().isfinite().all() for p in run.trained]).all()
-    host = torch.cat([window.first_bad.double(), weights_finite.double().reshape(1)]).to("cpu", copy=True).tolist()
-    _stop_if_bad({n: int(v) for n, v in zip(window.names, host) if v >= 0}, progress)
-    if not host[-1]:
-        _stop_if_bad({"weights": progress.step}, progress)
+    bad, (finite,) = window.check(weights_finite)
+    if not finite:
+        bad["weights"] = progress.step  # a term's own first bad step, where there is one, comes first
+    _stop_if_bad(bad, progress)
     rngs = _gather_objects(rng_state(), run.dist)
     records = _gather_objects(progress.skipped_records, run.dist)
     step = progress.step
