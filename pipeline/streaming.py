@@ -62,7 +62,7 @@ import torch
 
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, _expand_shards, _split_caption_lines
 from rdkd.errors import SampleError, UserError
-from rdkd.training import PairBuilder
+from rdkd.training import PairBuilder, loader_generator
 
 # --stream's default (auto) streams webdataset data above this many entries (the cache
 # manifest's count): an index of CC3M-size data costs minutes per launch and rank and
@@ -284,7 +284,9 @@ class ShardStream:
         """A DataLoader iterator over ``epoch`` from its ``piece``-th piece on."""
         taken, next_lane = round_robin(self.lane_pieces(epoch)[self.rank].tolist(), piece)
         return iter(torch.utils.data.DataLoader(EpochStream(self, epoch, taken, next_lane), batch_size=None,
-                                                num_workers=self.workers, **loader_options))
+                                                num_workers=self.workers,
+                                                generator=loader_generator(self.seed, self.rank, epoch),
+                                                **loader_options))
 
     def lane(self, epoch: int, lane: int, skip: int) -> Iterator[dict]:
         """The full pieces of one lane in ``epoch``, after its first ``skip``."""

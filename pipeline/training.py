@@ -405,6 +405,17 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def loader_generator(seed: int, *stream: int) -> torch.Generator:
+    """The generator a DataLoader takes its workers' base seed from, a function of the run's
+    seed and ``stream`` (rank, epoch). Without one, every iterator a DataLoader starts draws
+    that seed from torch's global RNG: a resumed run starts its iterator after restoring the
+    checkpoint's RNG state, an uninterrupted one before its first step, so every later draw
+    of a student that uses the global RNG while training (dropout, patch dropout) would
+    differ between the two."""
+    state = np.random.SeedSequence([int(seed), *map(int, stream)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int,
                     total: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total))

@@ -65,6 +65,7 @@ from rdkd.training import (
     build_optimizer,
     build_scheduler,
     load_checkpoint,
+    loader_generator,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -434,7 +435,7 @@ def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
                                 start=divmod(start_step, run.plan.steps_per_epoch), chunks=pieces)
     loader = torch.utils.data.DataLoader(
         run.pairs, sampler=sampler, batch_size=None, num_workers=workers,
-        pin_memory=run.device.type == "cuda",
+        generator=loader_generator(run.config.seed, run.dist.rank), pin_memory=run.device.type == "cuda",
         prefetch_factor=runtime.prefetch_factor(math.ceil(local / sampler.chunks) * sample_bytes, workers,
                                                 PREFETCH_BUDGET_BYTES))
     return loader, sampler.chunks

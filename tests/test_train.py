@@ -40,6 +40,9 @@ TINY_RESNET = {
     "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+# A student that draws from torch's global RNG while training (open_clip's patch dropout:
+# half the patches of every image dropped at random), as users set it to train faster.
+TINY_VIT_PATCH_DROPOUT = {**TINY_VIT, "vision_cfg": {**TINY_VIT["vision_cfg"], "patch_dropout": 0.5}}
 FAST = dict(batch_size=4, workers=0, progress=False, lr=2e-3, warmup=1, log_every=1)
 
 
@@ -52,6 +55,11 @@ def _config(tmp_path: Path, name: str, config: dict) -> str:
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory) -> str:
     return _config(tmp_path_factory.mktemp("students"), "tiny-vit", TINY_VIT)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_patch_dropout(tmp_path_factory) -> str:
+    return _config(tmp_path_factory.mktemp("students"), "tiny-vit-patch-dropout", TINY_VIT_PATCH_DROPOUT)
 
 
 @pytest.fixture(scope="module")
@@ -307,11 +315,42 @@ def test_teacher_forward_counter_sees_a_teacher(tiny_teacher):
     assert counter.count == 1
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, teacher_cache, tiny_vit):
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two train-student checkpoints hold the same weights, loss state, optimizer moments
+    and RNG states of every rank, to the bit."""
+    for part in ("model", "loss"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert len(a["rng"]) == len(b["rng"])
+    for rank, (ra, rb) in enumerate(zip(a["rng"], b["rng"])):
+        assert ra.keys() == rb.keys()
+        for name in ra:
+            assert _same_data(ra[name], rb[name]), f"{name} RNG state of rank {rank}"
+
+
+def _same_data(a, b) -> bool:
+    """Equal plain data (dicts, lists, tensors compared exactly)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_data(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_data(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, teacher_cache, tiny_vit_patch_dropout):
     """7 steps straight vs interrupted after the step-4 checkpoint (mid-epoch: 3 steps per
-    epoch; mid log window: records every 3 steps) and resumed with DataLoader workers:
-    identical weights, loss state, optimizer and log records."""
+    epoch; mid log window: records every 3 steps) and resumed with DataLoader workers, for a
+    student that draws from torch's RNG at every step (patch dropout): identical weights,
+    loss state, optimizer, RNG states and log records."""
     import rdkd.stages.train_student as stage
+
+    tiny_vit = tiny_vit_patch_dropout
 
     args = dict(steps=7, save_every=2, **{**FAST, "lr": 1e-3, "log_every": 3})
     straight = tmp_path / "straight"
@@ -334,14 +373,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, tea
                             **{**args, "workers": 2})
     assert summary["resumed_from_step"] == 4
 
-    a = torch.load(straight / "checkpoints" / "step-00000007.pt", weights_only=True)
-    b = torch.load(interrupted / "checkpoints" / "step-00000007.pt", weights_only=True)
-    for part in ("model", "loss"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert_same_training_state(torch.load(straight / "checkpoints" / "step-00000007.pt", weights_only=True),
+                               torch.load(interrupted / "checkpoints" / "step-00000007.pt", weights_only=True))
     records = [[(m["step"], m["loss"]) for m in _metrics(run)] for run in (straight, interrupted)]
     assert records[0] == records[1] and [step for step, _ in records[0]] == [3, 6, 7]
 
