@@ -439,11 +439,16 @@ def test_export_loads_with_plain_open_clip(tmp_path, csv_dataset, teacher_cache,
     assert features.shape == (1, 24) and text.shape == (1, 24)
 
 
-def test_skips_and_counts_images_that_fail_to_decode(tmp_path, tiny_clip_config):
+@pytest.mark.parametrize("piece_bytes", [None, 1], ids=["whole-batches", "one-sample-pieces"])
+def test_skips_and_counts_images_that_fail_to_decode(tmp_path, monkeypatch, tiny_clip_config, piece_bytes):
     """One of 8 images is not an image; 4 steps of 4 are two epochs, each visiting it once:
-    two skips of that key, each recorded at the step whose batch drew it."""
+    two skips of that key, each recorded at the step whose batch drew it, whether a batch
+    arrives whole or in pieces of one sample (the bad one in a later piece)."""
+    import rdkd.stages.train_student as stage
     from rdkd.data import open_dataset
 
+    if piece_bytes is not None:
+        monkeypatch.setattr(stage, "PIECE_BYTES", piece_bytes)
     samples = builders.standard_samples(8)
     samples[2] = dataclasses.replace(samples[2], data=b"not an image")
     spec = builders.write_csv_dataset(tmp_path / "data", samples)

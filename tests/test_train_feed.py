@@ -9,6 +9,8 @@ same way here (``rdkd.runtime.HostSyncCounter``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -61,20 +63,30 @@ def test_batches_cross_the_process_boundary_compact(csv_dataset, teacher_cache, 
     assert shipped <= 1.1 * essential
 
 
-def test_log_records_are_interval_means(tmp_path, csv_dataset, teacher_cache, tiny_vit):
+def test_log_records_are_interval_means_with_the_schedule_and_rates(tmp_path, csv_dataset, teacher_cache,
+                                                                     tiny_vit):
     """--log-every 3 over 7 steps: records at steps 3, 6 and 7, each the mean of the
-    per-step values of the same run logged every step."""
+    per-step values of the same run logged every step; the rate is the interval's samples
+    over its seconds. Logged every step, the lr is the step's lr of a linear warm-up over 3
+    steps then a cosine to 0 at step 7 (open_clip's cosine_lr), computed here."""
+    args = dict(steps=7, **{**QUIET, "warmup": 3, "lr": 1e-3})
     every = tmp_path / "every"
-    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=7, out=every, log_every=1, **QUIET)
+    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, out=every, log_every=1, **args)
     windows = tmp_path / "windows"
-    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=7, out=windows, log_every=3, **QUIET)
+    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, out=windows, log_every=3, **args)
     per_step = _metrics(every)
     records = _metrics(windows)
     assert [r["step"] for r in records] == [3, 6, 7]
     for record, (lo, hi) in zip(records, [(0, 3), (3, 6), (6, 7)]):
         for key in ("loss", "loss/vrd", "loss/xrd", "loss/task"):
             assert record[key] == pytest.approx(np.mean([m[key] for m in per_step[lo:hi]]), rel=1e-9), key
-        assert record["samples_per_s"] > 0 and 0 <= record["data_s"] <= record["step_s"]
+        assert 0 <= record["data_s"] <= record["step_s"]
+        assert record["samples_per_s"] * record["step_s"] == pytest.approx((hi - lo) * QUIET["batch_size"], rel=1e-9)
+
+    warmup, total = 3, 7
+    expected = [1e-3 * (i + 1) / warmup if i < warmup
+                else 1e-3 * 0.5 * (1 + math.cos(math.pi * (i - warmup) / (total - warmup))) for i in range(total)]
+    assert [m["lr"] for m in per_step] == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, monkeypatch, csv_dataset,
