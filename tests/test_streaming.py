@@ -203,6 +203,46 @@ def test_one_epoch_shows_every_usable_sample_once_across_ranks(
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # a new order every epoch
 
 
+def _indices(batches, steps: int) -> list[list[int]]:
+    return [next(batches)["index"].tolist() for _ in range(steps)]
+
+
+def test_each_rank_reads_other_shards_every_epoch(stream_data, stream_cache, tiny_vit):
+    """2 ranks: the shards dealt to a rank change with the epoch, so the data shards a rank's
+    samples come from in epoch 1 are not those of epoch 0 (the same shards reshuffled would
+    show the same samples, less a different few left over)."""
+    from rdkd.cache import TeacherCache
+
+    ranges = [range(*shard["entries"]) for shard in TeacherCache.open(stream_cache).manifest["shards"]]
+    for rank in (0, 1):
+        stream = _stream(stream_data, stream_cache, tiny_vit, batch=2, rank=rank, world=2)
+        steps = stream.steps_per_epoch(epochs=2)
+        batches = stream.batches(0, steps)
+        first, second = ({j for batch in _indices(batches, steps) for i in batch for j, r in enumerate(ranges)
+                          if i in r} for _ in range(2))
+        assert len(first) == len(second) == 4 and first != second, (rank, first, second)
+
+
+def test_every_rank_resumes_at_any_step_where_the_uninterrupted_stream_is(stream_data, stream_cache, tiny_vit):
+    """2 ranks x 3 workers (lanes), pieces of 2 samples: a rank's first lane reads 2
+    shards, the others 1 (6 or 5 usable samples: 3 or 2 pieces), so the short lanes run out
+    before the epoch ends and the ranks' lanes differ. Started at any step of the first two
+    epochs, each rank yields the pieces the uninterrupted stream yields from that step on
+    (what a resume after a checkpoint there gets)."""
+    streams = [_stream(stream_data, stream_cache, tiny_vit, batch=2, rank=rank, world=2, workers=3)
+               for rank in (0, 1)]
+    steps = streams[0].steps_per_epoch(epochs=2)
+    # the case this test is for: a rank whose lanes, counted as another rank's, would resume elsewhere
+    lanes = [stream.lane_pieces(epoch) for epoch in range(2) for stream in streams[:1]]
+    assert any(round_robin(counts[1].tolist(), k) != round_robin(counts[0].tolist(), k)
+               for counts in lanes for k in range(steps)), "no rank's lanes differ where a resume reads them"
+    for rank, stream in enumerate(streams):
+        straight = _indices(stream.batches(0, steps), 2 * steps)
+        for start in range(1, 2 * steps):
+            resumed = _indices(stream.batches(start, steps), min(2 * steps - start, 2))
+            assert resumed == straight[start:start + len(resumed)], (rank, start)
+
+
 # --- same samples as the indexed path ----------------------------------------------------------
 
 
