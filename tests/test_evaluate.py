@@ -28,6 +28,18 @@ def teacher_cache(tmp_path_factory, csv_dataset, tiny_teacher) -> Path:
 
 
 @pytest.fixture(scope="module")
+def teacher_cache_3_views(tmp_path_factory, csv_dataset, tiny_teacher) -> Path:
+    """The same teacher cache with 3 views per image: view 0 the eval view, two random crops."""
+    from rdkd.cache import ViewConfig
+    from rdkd.stages.extract_teacher import extract_teacher
+
+    out = tmp_path_factory.mktemp("eval-cache-3-views") / "cache"
+    extract_teacher(csv_dataset, tiny_teacher, out, views=ViewConfig(count=3), batch_size=8, workers=0,
+                    device="cpu", storage_dtype="float32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
 def zeroshot_tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("zs") / "tree"
     for c, name in enumerate(["red_fox", "cat", "dog"]):
@@ -72,7 +84,11 @@ def test_teacher_against_its_own_cache_has_full_fidelity(teacher_scored):
         assert result[f"fidelity/{key}"] == pytest.approx(1.0, abs=1e-4), key
 
 
-def test_cache_scores_like_the_model_it_holds(tmp_path, csv_dataset, teacher_cache, teacher_scored):
+@pytest.mark.parametrize("views", [1, 3])
+def test_cache_scores_like_the_model_it_holds(tmp_path, request, csv_dataset, teacher_scored, views):
+    """The cache's view 0 is the teacher's eval view: scored from the cache, with 1 view per
+    image or 3, the teacher gets the numbers it gets when evaluate runs it."""
+    teacher_cache = request.getfixturevalue("teacher_cache" if views == 1 else "teacher_cache_3_views")
     _, from_model = teacher_scored
     from_cache = evaluate(tmp_path / "m.json", data=csv_dataset, cache=teacher_cache, device="cpu")
     for key, value in from_cache.items():
