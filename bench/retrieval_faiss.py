@@ -3,7 +3,7 @@
 Both sides compute image-to-text and text-to-image Recall@1/5/10 over the same L2-normalised
 float32 embeddings (1:1 image/caption pairs; each caption is its image plus Gaussian noise,
 so recalls sit in a realistic middle range) with the same hit rule as ``rdkd.metrics``
-(hit at K when the pair's score is within ``TIE_TOLERANCE`` of the K-th best score or above).
+(hit at K when fewer than K items score strictly higher than the pair).
 
 - FAISS side: what ``rdkd evaluate`` runs for exact search with ranks off
   (:func:`rdkd.metrics.build_index`, exact ``IndexFlatIP``; :func:`rdkd.metrics.search` for
@@ -40,20 +40,21 @@ def make_pairs(n: int, dim: int, noise: float, seed: int) -> tuple[np.ndarray, n
 
 def faiss_hits(index, gallery: np.ndarray, queries: np.ndarray, first: int, ks: tuple[int, ...]) -> np.ndarray:
     """Hits per K of queries ``first..`` (query i's pair is gallery row i), as rdkd.metrics counts."""
+    import torch
+
     from rdkd import metrics
 
     top_scores, top_ids = metrics.search(index, queries, max(ks))
     pair = np.arange(first, first + len(queries))
     pair_scores = np.einsum("ij,ij->i", queries, gallery[first : first + len(queries)])
-    ranks = metrics._ranks_within_depth(top_scores, top_ids == pair[:, None], pair_scores)
+    ranks = metrics.top_list_ranks(queries, gallery, top_scores, top_ids, pair_scores,
+                                   lambda rows, ids: ids == pair[rows, None], False, torch.device("cpu"))
     return np.array([(ranks <= k).sum() for k in ks])
 
 
 def torch_hits(queries, gallery, first: int, ks: tuple[int, ...], chunk: int, device: str) -> np.ndarray:
     """Brute force: query chunks x full gallery, ``topk``, the pair's score from the same product."""
     import torch
-
-    from rdkd.metrics import TIE_TOLERANCE
 
     hits = torch.zeros(len(ks), dtype=torch.int64, device=device)
     for start in range(0, len(queries), chunk):
@@ -63,7 +64,7 @@ def torch_hits(queries, gallery, first: int, ks: tuple[int, ...], chunk: int, de
         rows = torch.arange(len(q), device=device)
         pair = scores[rows, first + start + rows]
         for j, k in enumerate(ks):
-            hits[j] += (pair + TIE_TOLERANCE >= top[:, k - 1]).sum()
+            hits[j] += (pair >= top[:, k - 1]).sum()
     if device == "cuda":
         torch.cuda.synchronize()
     return hits.cpu().numpy()

@@ -3,13 +3,15 @@
 Pure functions on embeddings (numpy arrays or torch tensors, one row per item); every
 function L2-normalises its inputs, so scores are cosine similarities.
 
-Ranking convention (used by retrieval and zero-shot alike): the score of a query's ground
-truth is the best score among its correct items, and its rank is
-``1 + #{gallery items scoring more than that + TIE_TOLERANCE}``. Ties are therefore
-resolved in favour of the ground truth, and "hit at K" means ``rank <= K``. The tolerance
-makes the result independent of the summation order of the backend (FAISS CPU or GPU,
-torch), so bit-identical duplicates (the same caption under two images) and rounding-level
-near-ties count as ties everywhere.
+Ranking convention (the field's, as clip_benchmark scores retrieval; used by retrieval and
+zero-shot alike): a query's rank is ``1 + #{gallery items scoring strictly higher than its
+best correct item}``, and "hit at K" means ``rank <= K``. No tolerance favours the correct
+item: a wrong item that beats it by one rounding step ranks above it. Both sides of every
+comparison come from the same arithmetic (the correct item's score is read from the same
+FAISS result list or the same score matrix as the others), so FAISS and the brute-force
+count agree. Exact ties (bit-identical scores, e.g. the same caption under two images) go
+to the correct item; clip_benchmark's ``topk`` breaks them arbitrarily, so the two can
+differ only there.
 
 Memory stays bounded for any gallery size: FAISS searches the top-K in query chunks, and
 exact ranks beyond the searched depth are counted against the gallery in query chunks of
@@ -28,10 +30,13 @@ import torch
 
 from rdkd.errors import UserError
 
-TIE_TOLERANCE = 1e-6
 DEFAULT_KS = (1, 5, 10)
 _SCORE_BUDGET_BYTES = 256 * 2**20
 _BEYOND = np.iinfo(np.int64).max
+# A correct item missing from a full top-K list whose score (computed apart from the list)
+# is this close to the list's last score may tie it: such queries are scored again with
+# the whole gallery in one matrix, where the comparison is exact. A filter, not a tolerance.
+_NEAR_CUTOFF = 1e-4
 # FAISS's exact CPU search multiplies 4096-query blocks by 1024-row gallery blocks by default;
 # 4096-row gallery blocks (64 MiB of scores) cost ~20% fewer CPU seconds (bench/retrieval_faiss.py).
 _FLAT_DATABASE_BLOCK = 4096
@@ -166,46 +171,46 @@ def search(
 
 
 def ranks_from_scores(scores: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
-    """Rank (1-based) of each row's ground-truth score among the row's scores."""
-    return 1 + (scores > (target_scores.unsqueeze(1) + TIE_TOLERANCE)).sum(dim=1)
+    """Rank (1-based) of each row's ground-truth score among the row's scores (taken from
+    ``scores`` itself: the comparison must not mix arithmetic)."""
+    return 1 + (scores > target_scores.unsqueeze(1)).sum(dim=1)
 
 
-def _ranks_within_depth(
-    top_scores: np.ndarray,
-    top_correct: np.ndarray,
-    target_scores: np.ndarray,
-) -> np.ndarray:
-    """Exact ranks of queries whose rank is decided by the searched top list; others _BEYOND.
+# correct(query rows [n], gallery ids [n, m]) -> bool [n, m]: which ids are a query's correct items
+Correct = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-    A query's rank is known when a correct item is in its list (its score is then taken from
-    the list, so both sides of the comparison come from the same arithmetic), or when the
-    list is full and its last score ties the ground truth (a tied correct item was cut off).
-    """
-    listed = np.where(top_correct, top_scores, -np.inf).max(axis=1)
+
+def _ranks_within_depth(top_scores: np.ndarray, top_correct: np.ndarray) -> np.ndarray:
+    """Ranks of queries with a correct item in their searched top list (its score is read
+    from the list, so both sides of the comparison come from the same arithmetic); others
+    _BEYOND."""
     found = top_correct.any(axis=1)
-    target = np.where(found, listed, target_scores)
-    greater = (top_scores > (target[:, None] + TIE_TOLERANCE)).sum(axis=1)
-    full = np.isfinite(top_scores[:, -1])
-    tied_at_end = full & (target + TIE_TOLERANCE >= top_scores[:, -1])
-    return np.where(found | tied_at_end, 1 + greater, _BEYOND)
+    target = np.where(top_correct, top_scores, -np.inf).max(axis=1)
+    greater = (top_scores > target[:, None]).sum(axis=1)
+    return np.where(found, 1 + greater, _BEYOND)
 
 
 def _count_ranks(
     queries: np.ndarray,
+    rows: np.ndarray,
     gallery: np.ndarray,
-    target_scores: np.ndarray,
+    correct: Correct,
     device: torch.device,
 ) -> np.ndarray:
-    """Exact ranks by counting gallery scores above each target, in bounded query chunks."""
-    if len(queries) == 0:
+    """Exact ranks of the queries ``rows`` against the whole gallery, in bounded query
+    chunks: one score matrix per chunk, the correct items' scores read from it."""
+    if len(rows) == 0:
         return np.zeros(0, dtype=np.int64)
     gallery_t = torch.from_numpy(gallery).to(device)
+    all_ids = np.arange(len(gallery), dtype=np.int64)
     chunk = max(1, _SCORE_BUDGET_BYTES // (4 * max(1, len(gallery))))
     ranks = []
-    for start in range(0, len(queries), chunk):
-        q = torch.from_numpy(queries[start : start + chunk]).to(device)
-        t = torch.from_numpy(target_scores[start : start + chunk]).to(device)
-        ranks.append(ranks_from_scores(q @ gallery_t.T, t).cpu())
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        scores = torch.from_numpy(queries[part]).to(device) @ gallery_t.T
+        is_correct = torch.from_numpy(correct(part, np.broadcast_to(all_ids, (len(part), len(all_ids))))).to(device)
+        target = scores.masked_fill(~is_correct, -torch.inf).amax(dim=1)
+        ranks.append(ranks_from_scores(scores, target).cpu())
     return torch.cat(ranks).numpy().astype(np.int64)
 
 
@@ -214,7 +219,7 @@ def _direction(
     gallery: np.ndarray,
     index: GalleryIndex,
     target_scores: np.ndarray,
-    correct: Callable[[np.ndarray], np.ndarray],
+    correct: Correct,
     ks: Sequence[int],
     with_ranks: bool,
     device: torch.device,
@@ -222,14 +227,38 @@ def _direction(
 ) -> dict[str, float]:
     """Recall@K (and exact mean/median rank) for one retrieval direction."""
     top_scores, top_ids = search(index, queries, max(ks), progress=progress)
-    ranks = _ranks_within_depth(top_scores, correct(top_ids), target_scores)
+    ranks = top_list_ranks(queries, gallery, top_scores, top_ids, target_scores, correct, with_ranks, device)
     out = {f"r{k}": float(np.mean(ranks <= k)) for k in ks}
     if with_ranks:
-        beyond = np.flatnonzero(ranks == _BEYOND)
-        ranks[beyond] = _count_ranks(queries[beyond], gallery, target_scores[beyond], device)
         out["mean_rank"] = float(np.mean(ranks))
         out["median_rank"] = float(np.median(ranks))
     return out
+
+
+def top_list_ranks(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    top_scores: np.ndarray,
+    top_ids: np.ndarray,
+    target_scores: np.ndarray,
+    correct: Correct,
+    exact_beyond: bool,
+    device: torch.device,
+) -> np.ndarray:
+    """Each query's rank from its searched top list; queries whose correct items are not
+    listed get their exact rank from the whole gallery when ``exact_beyond``, else only
+    those whose correct item may tie the list's last score (the rest: beyond the list,
+    ``np.iinfo(np.int64).max``). ``target_scores`` (each query's best correct score,
+    computed apart from the list) only picks those queries."""
+    rows = np.arange(len(queries))
+    ranks = _ranks_within_depth(top_scores, correct(rows, top_ids))
+    missing = ranks == _BEYOND
+    if not exact_beyond:
+        full = np.isfinite(top_scores[:, -1])
+        missing &= full & (target_scores >= top_scores[:, -1] - _NEAR_CUTOFF)
+    again = np.flatnonzero(missing)
+    ranks[again] = _count_ranks(queries, again, gallery, correct, device)
+    return ranks
 
 
 def retrieval_metrics(
@@ -263,7 +292,8 @@ def retrieval_metrics(
     ks = sorted({int(k) for k in ks})
     device = torch.device(device)
 
-    # Ground-truth score of each caption with its own image; an image's is its best caption's.
+    # Ground-truth score of each caption with its own image; an image's is its best caption's
+    # (which images have a caption; which queries to score against the whole gallery).
     pair_scores = np.einsum("ij,ij->i", texts, images[text_image])
     image_target = np.full(len(images), -np.inf, dtype=np.float32)
     np.maximum.at(image_target, text_image, pair_scores)
@@ -273,14 +303,14 @@ def retrieval_metrics(
     with_ranks = with_ranks and text_index.exact
     i2t = _direction(
         images[with_caption], texts, text_index, image_target[with_caption],
-        lambda ids: np.where(ids >= 0, text_image[np.maximum(ids, 0)], -1) == with_caption[:, None],
+        lambda rows, ids: np.where(ids >= 0, text_image[np.maximum(ids, 0)], -1) == with_caption[rows, None],
         ks, with_ranks, device, progress,
     )
     del text_index
     image_index = build_index(images, index_factory, use_gpu, search_params)
     t2i = _direction(
         texts, images, image_index, pair_scores,
-        lambda ids: ids == text_image[:, None],
+        lambda rows, ids: ids == text_image[rows, None],
         ks, with_ranks, device, progress,
     )
     metrics = {f"i2t_{name}": value for name, value in i2t.items()}

@@ -98,6 +98,31 @@ def test_cache_scores_like_the_model_it_holds(tmp_path, request, csv_dataset, te
     assert whole_cache == pytest.approx(from_cache)  # the cache holds exactly the eval set
 
 
+def test_recall_equals_clip_benchmark_on_the_same_model_and_data(tmp_path, csv_dataset, tiny_teacher):
+    """clip_benchmark, the evaluator the CLIP literature reports with, scores the same model
+    on the same images and captions (its own loader: the model's open_clip preprocess, its
+    own encoding and top-K): Recall@1/5/10 equal in both directions."""
+    zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    from rdkd.data import decode_image, open_dataset
+    from rdkd.models import load_clip
+
+    clip = load_clip(tiny_teacher)
+    data = open_dataset(csv_dataset)
+    pairs = [(clip.preprocess(decode_image(data.read_image_bytes(i))), list(data.captions(i)))
+             for i in range(len(data))]
+    loader = torch.utils.data.DataLoader(pairs, batch_size=5, collate_fn=lambda batch: (
+        torch.stack([image for image, _ in batch]), [texts for _, texts in batch]))
+    theirs = zeroshot_retrieval.evaluate(clip.model.eval(), loader, clip.tokenizer, "cpu", amp=False,
+                                         recall_k_list=[1, 5, 10])
+    ours = evaluate(tmp_path / "m.json", data=csv_dataset, model=tiny_teacher, workers=0, batch_size=5,
+                    device="cpu", progress=False)
+    captions, images = ours["retrieval/captions"], ours["retrieval/images"]
+    for k in (1, 5, 10):  # hits counted: clip_benchmark averages in float32; its "image retrieval" is t2i
+        assert round(ours[f"retrieval/t2i_r{k}"] * captions) == round(theirs[f"image_retrieval_recall@{k}"] * captions)
+        assert round(ours[f"retrieval/i2t_r{k}"] * images) == round(theirs[f"text_retrieval_recall@{k}"] * images)
+    assert 0 < ours["retrieval/t2i_r1"] < ours["retrieval/t2i_r10"] < 1  # the recalls are not trivially 0 or 1
+
+
 def test_precision_bf16_autocasts_the_forward_and_fp16_needs_cuda(tmp_path, capsys, csv_dataset, tiny_teacher,
                                                                    teacher_cache, teacher_scored):
     _, fp32 = teacher_scored  # default precision: bit-equal to the float32 cache it was extracted into

@@ -18,7 +18,7 @@ def brute_force_ranks(queries: np.ndarray, gallery: np.ndarray, correct: np.ndar
     """Reference: the full similarity matrix in torch, rank of the best correct item."""
     scores = torch.from_numpy(queries) @ torch.from_numpy(gallery).T
     target = torch.where(torch.from_numpy(correct), scores, torch.tensor(-np.inf)).amax(dim=1)
-    return (1 + (scores > target[:, None] + metrics.TIE_TOLERANCE).sum(dim=1)).numpy()
+    return (1 + (scores > target[:, None]).sum(dim=1)).numpy()
 
 
 def brute_force_retrieval(images, texts, text_image, ks):
@@ -65,6 +65,69 @@ def test_retrieval_ties_resolve_for_the_ground_truth():
     m = metrics.retrieval_metrics(images, texts, np.array([0, 1]), ks=(1,))
     assert m["i2t_r1"] == 1.0 and m["t2i_r1"] == 1.0
     assert m["i2t_mean_rank"] == 1.0 and m["t2i_mean_rank"] == 1.0
+
+
+@pytest.mark.parametrize("with_ranks", [True, False])
+def test_retrieval_a_wrong_item_ahead_by_a_rounding_step_ranks_first(with_ranks):
+    """The field's rule: no tolerance in favour of the correct item. Image 0's own caption
+    scores 7e-7 (a few float32 steps) below another image's caption, so it ranks second; the
+    other direction is decided by far larger margins."""
+    angle = np.pi / 3
+    images = np.zeros((10, 3), dtype=np.float32)
+    images[:, 2] = np.arange(10) / 10.0  # other images, far from both captions
+    images[0] = [1, 0, 0]
+    images[1] = [np.cos(angle - 4e-7), np.sin(angle - 4e-7), 0]
+    texts = unit([np.cos(angle), np.sin(angle), 0], [np.cos(angle - 8e-7), np.sin(angle - 8e-7), 0])
+    m = metrics.retrieval_metrics(images, texts, np.array([0, 1]), ks=(1, 2), with_ranks=with_ranks)
+    # i2t: image 0 scores caption 1 (cos(angle - 8e-7)) above its own caption (cos(angle))
+    assert m["i2t_r1"] == 0.5 and m["i2t_r2"] == 1.0
+    # t2i: caption 0 scores image 1 (cos 4e-7 apart from it) far above image 0
+    assert m["t2i_r1"] == 0.5
+    if with_ranks:
+        assert m["i2t_mean_rank"] == 1.5
+
+
+class _Rows(torch.nn.Module):
+    """A "model" for clip_benchmark that encodes an image or caption number as its row."""
+
+    def __init__(self, images: np.ndarray, texts: np.ndarray):
+        super().__init__()
+        self.images, self.texts = torch.from_numpy(images), torch.from_numpy(texts)
+
+    def encode_image(self, numbers: torch.Tensor) -> torch.Tensor:
+        return self.images[numbers]
+
+    def encode_text(self, numbers: torch.Tensor) -> torch.Tensor:
+        return self.texts[numbers]
+
+
+def test_retrieval_equals_clip_benchmark_on_the_same_embeddings_with_near_ties():
+    """clip_benchmark (the field's evaluator) on the very embeddings rdkd scores: 60 images,
+    2 captions each, and for 20 captions an impostor image planted a few float32 steps
+    (~2e-7) closer to the caption than its own image, so that a tolerance in favour of the
+    correct item would change Recall@1. Equal hits at 1, 5 and 10 in both directions."""
+    zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    rng = np.random.default_rng(0)
+    n, dim = 60, 8
+    images = metrics.as_normalized(rng.standard_normal((n, dim)).astype(np.float32))
+    text_image = np.repeat(np.arange(n), 2)
+    texts = metrics.as_normalized(images[text_image] + 0.8 * rng.standard_normal((2 * n, dim)).astype(np.float32))
+    for t in range(0, 40, 2):  # caption t's impostor: the image after its own, moved next to it
+        own, impostor = images[text_image[t]].astype(np.float64), text_image[t] + 20
+        toward = texts[t] - (texts[t] @ own) * own
+        images[impostor] = (own + 3e-7 * toward / np.linalg.norm(toward)).astype(np.float32)
+    images = metrics.as_normalized(images)
+    ours = metrics.retrieval_metrics(images, texts, text_image, ks=(1, 5, 10), with_ranks=False)
+
+    loader = [(torch.arange(start, start + 10), [[2 * i, 2 * i + 1] for i in range(start, start + 10)])
+              for start in range(0, n, 10)]
+    theirs = zeroshot_retrieval.evaluate(_Rows(images, texts), loader, torch.tensor, "cpu", amp=False,
+                                         recall_k_list=[1, 5, 10])
+    for k in (1, 5, 10):  # hits counted: clip_benchmark averages in float32; its "image retrieval" is t2i
+        assert round(ours[f"t2i_r{k}"] * 2 * n) == round(theirs[f"image_retrieval_recall@{k}"] * 2 * n), k
+        assert round(ours[f"i2t_r{k}"] * n) == round(theirs[f"text_retrieval_recall@{k}"] * n), k
+    scores = texts[:40:2] @ images.T  # the planted impostors do win (the test sees the tie rule)
+    assert (scores[np.arange(20), text_image[:40:2] + 20] > scores[np.arange(20), text_image[:40:2]]).sum() >= 10
 
 
 def test_retrieval_gallery_smaller_than_k():
