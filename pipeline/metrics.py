@@ -42,6 +42,17 @@ _NEAR_CUTOFF = 1e-4
 _FLAT_DATABASE_BLOCK = 4096
 
 
+# Significant digits of every metric rdkd writes (metrics.json, the report's tables): what
+# the numbers can mean, far above the last-bit differences of float reductions whose order
+# depends on the CPU's BLAS kernels or thread count, so outputs are the same bytes anywhere.
+WRITTEN_DIGITS = 6
+
+
+def as_written(value: float) -> float:
+    """``value`` rounded to :data:`WRITTEN_DIGITS` significant digits (NaN and inf kept)."""
+    return float(f"{value:.{WRITTEN_DIGITS}g}")
+
+
 def as_normalized(x: np.ndarray | torch.Tensor) -> np.ndarray:
     """Rows of ``x`` as a C-contiguous float32 array with unit L2 norm (zero rows stay zero)."""
     if isinstance(x, torch.Tensor):

@@ -1,6 +1,6 @@
 """Stage ``demo-data``: write the demo world's captioned scenes in standard dataset formats.
 
-The world (scenes, rendering, captions) lives in :mod:`rdkd.demo_world`; this stage decides
+The world (scenes, rendering, captions) lives in :mod:`rdkd.stages.demo_world`; this stage decides
 the layout on disk and writes it. Splits are written as open_clip CSV (tab-separated
 ``filepath``/``title``, one row per caption, paths relative to the CSV's folder, plus the
 PNG files) or as webdataset tar shards as img2dataset writes them (``KEY.png``,
@@ -43,8 +43,8 @@ from typing import Iterable, Iterator, Sequence
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import rdkd
-from rdkd import demo_world
-from rdkd.demo_world import PROFILES, Sample, WorldConfig
+from rdkd.stages import demo_world
+from rdkd.stages.demo_world import PROFILES, Sample, WorldConfig
 from rdkd.errors import UserError
 
 WORLD_FILE = "world.json"

@@ -22,7 +22,8 @@ What is measured:
 
 Outputs (``out`` is the metrics file; default ``artifacts/eval/<name>/metrics.json``):
 
-- ``metrics.json``: one flat object of numbers (what ``dvc metrics`` reads);
+- ``metrics.json``: one flat object of numbers (what ``dvc metrics`` reads), each at
+  ``rdkd.metrics.WRITTEN_DIGITS`` significant digits (the same bytes on any CPU);
 - ``evaluation.json`` beside it: what was scored and how (specs, fingerprints, index, seed,
   skipped samples with reasons; no timings: the bytes are the same from run to run);
 - ``labels.json`` beside it: ``{"method", "student", "seed", "teacher_forwards", "embed_dim"}``,
@@ -537,6 +538,7 @@ def evaluate(
 
     run = _run_labels(model, scored_cache, run_info, dim)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results = {name: M.as_written(value) for name, value in results.items()}
     atomic_write_json(out, results)
     atomic_write_json(out.parent / EVALUATION_INFO, info)
     atomic_write_json(out.parent / LABELS, run)

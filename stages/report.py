@@ -35,6 +35,7 @@ Output folder (default ``artifacts/report``), byte-identical for the same inputs
 - ``runs.csv``: one row per run (metrics path as given, labels, every metric);
 - ``table.csv``: one row per (method, student): ``label``, ``n``, each metric's mean and
   ``<metric>__std`` (what ``dvc plots`` reads, e.g. ``x: label``, ``y: retrieval/i2t_r1``);
+  (the CSVs' numbers at ``rdkd.metrics.WRITTEN_DIGITS`` significant digits, like metrics.json);
 - ``retrieval.png``, ``zeroshot.png``, ``fidelity.png``: grouped bars with ±std error bars,
   the legend in its own row under the axes.
 """
@@ -52,6 +53,7 @@ from typing import Any, Sequence
 
 from rdkd.errors import UserError
 from rdkd.files import atomic_write, atomic_write_csv, atomic_write_text
+from rdkd.metrics import as_written
 
 DEFAULT_OUT = Path("artifacts/report")
 DEFAULT_INPUTS = ("artifacts/eval/**/metrics.json",)
@@ -461,11 +463,16 @@ def _write_markdown(path: Path, groups: list[dict], all_metrics: list[str], head
     atomic_write_text(path, "\n".join(lines))
 
 
+def _written(cell: Any) -> Any:
+    """A CSV cell: floats at the digits rdkd writes every metric with (``rdkd.metrics.as_written``)."""
+    return as_written(cell) if isinstance(cell, float) else cell
+
+
 def _write_runs_csv(path: Path, runs: list[dict], all_metrics: list[str]) -> None:
     labels = ["method", "student", "seed", "teacher_forwards", "embed_dim"]
     rows = [[r["path"]] + ["" if r[k] is None else r[k] for k in labels]
             + [r["metrics"].get(m, "") for m in all_metrics] for r in runs]
-    atomic_write_csv(path, ["path"] + labels + all_metrics, rows)
+    atomic_write_csv(path, ["path"] + labels + all_metrics, [[_written(c) for c in row] for row in rows])
 
 
 def _write_table_csv(path: Path, groups: list[dict], all_metrics: list[str]) -> None:
@@ -477,7 +484,7 @@ def _write_table_csv(path: Path, groups: list[dict], all_metrics: list[str]) -> 
         row = [f"{g['method']} / {g['student']}", g["method"], g["student"], g["n"]]
         for m in all_metrics:
             row += list(g["stats"][m][:2]) if m in g["stats"] else ["", ""]
-        rows.append(row)
+        rows.append([_written(c) for c in row])
     atomic_write_csv(path, header, rows)
 
 
@@ -485,8 +492,8 @@ def _write_paired_csv(path: Path, paired: list[dict]) -> None:
     header = ["student", "a", "b", "metric", "n", "seeds", "differences", "mean", "ci_low", "ci_high",
               "distinguishable"]
     rows = [[r["student"], r["a"], r["b"], r["metric"], len(r["seeds"]), " ".join(map(str, r["seeds"])),
-             " ".join(repr(d) for d in r["differences"]), r["mean"],
-             "" if r["low"] is None else r["low"], "" if r["high"] is None else r["high"],
+             " ".join(repr(as_written(d)) for d in r["differences"]), _written(r["mean"]),
+             "" if r["low"] is None else _written(r["low"]), "" if r["high"] is None else _written(r["high"]),
              "" if r["distinguishable"] is None else str(r["distinguishable"]).lower()] for r in paired]
     atomic_write_csv(path, header, rows)
 

@@ -36,10 +36,13 @@ def _dvc(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Complet
 
 
 def _quick_project(work: Path) -> dict:
-    """A DVC project in ``work``: this repo's dvc.yaml with params-quick.yaml laid over params.yaml."""
+    """A DVC project in ``work``: this repo's dvc.yaml with params-quick.yaml laid over params.yaml,
+    and the code folders its stages list as deps (the commands run the installed rdkd)."""
     work.mkdir(parents=True)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", work / ".dvcignore")  # the dataset index cache beside the demo data
+    for code in ("pipeline", "stages", "cache"):
+        shutil.copytree(REPO / code, work / code, ignore=shutil.ignore_patterns("__pycache__"))
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                     yaml.safe_load((REPO / "params-quick.yaml").read_text()))
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -128,3 +131,12 @@ def test_quick_profile_reproduces_itself_byte_for_byte(quick_run, tmp_path: Path
     # checkpoints included (every RNG state they record is seeded)
     for path in sorted((first / "artifacts/demo/students").rglob("*.pt")):
         assert path.read_bytes() == (second / path.relative_to(first)).read_bytes(), path
+
+    # The code is a dep: a change to the losses makes the training stages (and what follows
+    # them) changed, not the data generator's.
+    losses = second / "pipeline" / "losses.py"
+    losses.write_text(losses.read_text() + "# a change\n")
+    status = _dvc(["status", "--json"], second)
+    changed = json.loads(status.stdout)
+    assert "demo_teacher" in changed and any(stage.startswith("train@") for stage in changed), changed
+    assert "demo_data" not in changed

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rdkd import demo_world
+from rdkd.stages import demo_world
 from rdkd.data import DataSpec, decode_image, open_dataset
-from rdkd.demo_world import WorldConfig
+from rdkd.stages.demo_world import WorldConfig
 from rdkd.errors import UserError
 from rdkd.stages.demo_data import demo_data
 
