@@ -282,7 +282,7 @@ class ShardStream:
 
     def _epoch_loader(self, epoch: int, piece: int, loader_options: dict) -> Iterator[dict]:
         """A DataLoader iterator over ``epoch`` from its ``piece``-th piece on."""
-        taken, next_lane = round_robin(self.lane_pieces(epoch)[0].tolist(), piece)
+        taken, next_lane = round_robin(self.lane_pieces(epoch)[self.rank].tolist(), piece)
         return iter(torch.utils.data.DataLoader(EpochStream(self, epoch, taken, next_lane), batch_size=None,
                                                 num_workers=self.workers,
                                                 generator=loader_generator(self.seed, self.rank, epoch),
