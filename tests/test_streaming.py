@@ -366,7 +366,7 @@ def save(path, state):
     if state["position"]["step"] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)  # rank 0 dies; torchrun ends rank 1
 stage.save_checkpoint = save
-stage.train_student(DataSpec({data!r}), {student!r}, "cliprd", {cache!r}, stream=stream, steps=13,
+stage.train_student(DataSpec({data!r}), {student!r}, "cliprd", {cache!r}, stream=stream, steps=22,
                     batch_size=4, workers=3 if stream else 2, save_every=5, shuffle_buffer=5, seed=1,
                     progress=False, lr=2e-3, warmup=1, log_every=1, device="cpu", out=out,
                     resume=sys.argv[4] if len(sys.argv) > 4 else None)
@@ -377,10 +377,11 @@ stage.train_student(DataSpec({data!r}), {student!r}, "cliprd", {cache!r}, stream
 @pytest.mark.parametrize("feed", ["indexed", "stream"])
 def test_two_processes_killed_and_resumed_train_like_an_uninterrupted_run(feed, tmp_path, stream_data, stream_cache):
     """torchrun, 2 gloo processes, a student that draws from torch's RNG every step (patch
-    dropout), 13 steps straight against SIGKILLed after the step-10 checkpoint and resumed:
+    dropout), 22 steps straight against SIGKILLed after the step-20 checkpoint and resumed:
     the same weights, optimizer state and RNG state of each rank, to the bit. Streamed, each
-    rank has 3 lanes of 6, 3 and 3 (or 2) pieces in an epoch of 11 steps: the short lanes
-    ran out before step 10, and the ranks' lanes differ."""
+    rank has 3 lanes of 6, 3 and 3 (or 2) pieces in an epoch of 11 steps: in epoch 1 the
+    short lanes ran out before step 20, and rank 1's lanes (6, 3, 3) resume elsewhere than
+    rank 0's (6, 3, 2) would."""
     from test_train import TINY_VIT_PATCH_DROPOUT, assert_same_training_state
 
     student = tmp_path / "tiny-vit-patch-dropout.json"
@@ -398,17 +399,19 @@ def test_two_processes_killed_and_resumed_train_like_an_uninterrupted_run(feed, 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = torchrun(str(straight), "0", feed)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = torchrun(str(killed), "10", feed)
+    proc = torchrun(str(killed), "20", feed)
     assert proc.returncode != 0 and not (killed / "run.json").exists(), proc.stderr[-3000:]
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-00000005.pt", "step-00000010.pt"]
+    # killed after writing step 20's checkpoint, before pruning the oldest of three
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
+        "step-00000010.pt", "step-00000015.pt", "step-00000020.pt"]
     proc = torchrun(str(killed), "0", feed, str(killed))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((killed / "run.json").read_text())
-    assert run["resumed_from_step"] == 10 and run["world_size"] == 2
+    assert run["resumed_from_step"] == 20 and run["world_size"] == 2
     if feed == "stream":
         assert run["steps_per_epoch"] == 11 and run["stream"]["workers"] == 3
-    assert_same_training_state(torch.load(straight / "checkpoints" / "step-00000013.pt", weights_only=True),
-                               torch.load(killed / "checkpoints" / "step-00000013.pt", weights_only=True))
+    assert_same_training_state(torch.load(straight / "checkpoints" / "step-00000022.pt", weights_only=True),
+                               torch.load(killed / "checkpoints" / "step-00000022.pt", weights_only=True))
 
 
 def test_resume_with_another_stream_shape_is_refused(tmp_path, capsys, stream_data, stream_cache, tiny_vit):
