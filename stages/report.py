@@ -1,9 +1,10 @@
 """Gather evaluation runs into one report (``rdkd report``).
 
 Input: ``metrics.json`` files written by ``rdkd evaluate`` (files, folders searched
-recursively, or glob patterns). Each run is labelled by the ``run.json`` beside its metrics
-file, ``{"method", "student", "seed", "teacher_forwards", "embed_dim"}`` (``rdkd evaluate``
-writes it, copying the labels of the ``rdkd train-student`` run it scored). A metrics file
+recursively, or glob patterns). Each run is labelled by the ``labels.json`` beside its
+metrics file, ``{"method", "student", "seed", "teacher_forwards", "embed_dim"}`` (``rdkd
+evaluate`` writes it, with the labels of the ``rdkd train-student`` run it scored, from that
+run's ``run.json``; a ``run.json`` there instead is read the same way). A metrics file
 without one is labelled by its path: a folder named ``seed<N>`` (or ``seed-<N>``,
 ``seed_<N>``) gives the seed and the two folders above it the student and the method
 (``.../<method>/<student>/seed<N>/metrics.json``); otherwise the method is the metrics
