@@ -55,7 +55,14 @@ def save(state: Any, path: Path) -> None:
     raises a RuntimeError instead), and the archive's inner folder is ``archive`` rather
     than the (temporary, per-process) file name, so equal states give equal bytes."""
     with open(path, "wb") as handle:
-        torch.save(state, handle)
+        try:
+            torch.save(state, handle)
+        except RuntimeError as err:
+            # torch, closing the archive after a write failed, raises a RuntimeError of its
+            # own; the write's OSError (its context) is the one that says what happened
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 def load(path: str | Path, what: str = "checkpoint", *, lazy: bool = False) -> Any:
