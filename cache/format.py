@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import posixpath
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,21 @@ def embedding_view(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     # .values ignores the list array's own offset; slice the child to this array's rows
     values = column.values.slice(column.offset * dim, len(column) * dim)
     return numeric_view(values).reshape(len(column), dim)
+
+
+def contained_file(root: Path, name: Any) -> Path:
+    """``root / name`` for a file name from a manifest or shard record; ``ValueError`` unless
+    it stays inside the cache folder: a relative POSIX path (no absolute path, no ``..``, no
+    backslash) that does not resolve outside ``root`` through a symlink. Nothing is opened
+    (symlinks are followed with ``readlink``), so a refused name is never read."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise ValueError(f"file name {name!r} is not a relative path")
+    if posixpath.isabs(name) or ".." in name.split("/"):
+        raise ValueError(f"file name {name!r} points outside the cache folder")
+    base = os.path.realpath(root)
+    if os.path.commonpath([base, os.path.realpath(os.path.join(base, name))]) != base:
+        raise ValueError(f"file name {name!r} leads outside the cache folder through a symlink")
+    return root / name
 
 
 def sha256_bytes(data: bytes | memoryview | pa.Buffer) -> str:

@@ -3,11 +3,29 @@
 Every Arrow file is opened with ``pa.memory_map``; embeddings are handed out as numpy views
 of the mapped pages (storage dtype) or gathered into float32 torch tensors for the rows
 asked for, so the resident memory of a reader does not grow with the size of the cache.
+
+A cache is input that may come from elsewhere, so the reader trusts it only this far:
+
+- **It stays inside its folder.** Every file name in the manifest must be a relative path
+  that resolves inside the cache folder (:func:`rdkd.cache.format.contained_file`);
+  :meth:`TeacherCache.open` refuses any other with one line before it opens any file.
+- **What it hands out is what was extracted.** Each file's sha256 (recorded in the
+  manifest) is checked the first time its contents are used, by the process using them:
+  a shard before any of its rows (embeddings, crop boxes, flips; a streaming reader's keys
+  and captions) is returned, the index before a key is looked up in it, the rejects table
+  when it is read. A mismatch raises :class:`UserError` naming the file. So every shard is
+  checked before its rows reach a student, at any cache size, and the cost is one pass
+  over each shard when it is first used (a streaming reader goes shard by shard: start-up
+  hashes one shard; BENCHMARKS.md measures it), not a pass over the whole cache at
+  start-up. Looking keys up in the shards' key columns (:meth:`TeacherCache.lookup`)
+  hashes nothing: the rows found are checked when they are read. ``check=False`` (rdkd
+  train-student --no-verify-cache) turns the checks off.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import warnings
 from collections import OrderedDict
@@ -74,20 +92,38 @@ class _ShardedColumn:
     handed out keep their mapping alive on their own.
     """
 
-    def __init__(self, dim: int, files: list[Path], shards: list[int], rows: list[int], storage_dtype: str,
-                 max_open: int = 256):
-        self.dim, self.storage_dtype, self.max_open = dim, storage_dtype, max_open
-        self.files, self.shard_ids = files, shards
+    def __init__(self, root: Path, dim: int, files: list[Path], shards: list[int], rows: list[int],
+                 storage_dtype: str, sha256: list[str] | None = None, max_open: int = 256):
+        self.root, self.dim, self.storage_dtype, self.max_open = root, dim, storage_dtype, max_open
+        self.files, self.shard_ids, self.sha256 = files, shards, sha256
         self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])[:-1].astype(np.int64)
         self.num_rows = int(sum(rows))
         self._open: OrderedDict[int, CacheShard] = OrderedDict()
         self._fds: OrderedDict[int, int] = OrderedDict()
+        # Shards whose sha256 matched, in anonymous shared memory: a shard one DataLoader
+        # worker checked counts for the other workers and for later epochs' workers (forked
+        # from this process); a spawned worker gets a copy and checks on its own.
+        self.checked = np.frombuffer(mmap.mmap(-1, max(len(files), 1)), dtype=np.uint8)[:len(files)]
+
+    def check(self, position: int) -> None:
+        """Refuse shard ``position`` with one line unless its file has the manifest's sha256;
+        hashed once, before the first of its rows is handed out (see the module docstring)."""
+        if self.sha256 is None or self.checked[position]:
+            return
+        _check_file(self.root, self.files[position], self.sha256[position])
+        self.checked[position] = 1
+
+    def checked_shard(self, position: int) -> CacheShard:
+        """:meth:`shard`, after :meth:`check`: for a reader that hands its rows on."""
+        self.check(position)
+        return self.shard(position)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def shard(self, position: int) -> CacheShard:
-        """The ``position``-th shard, memory-mapped (opened on first use)."""
+        """The ``position``-th shard, memory-mapped (opened on first use), unchecked: for its
+        keys (lookups, layout checks); rows handed on come through :meth:`checked_shard`."""
         if position in self._open:
             self._open.move_to_end(position)
             return self._open[position]
@@ -113,7 +149,7 @@ class _ShardedColumn:
         return opened
 
     def __iter__(self) -> Iterator[CacheShard]:
-        return (self.shard(p) for p in range(len(self)))
+        return (self.checked_shard(p) for p in range(len(self)))
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard position, row within shard) of global rows."""
@@ -135,7 +171,7 @@ class _ShardedColumn:
         out = np.empty((len(local), self.dim), dtype=fmt.numpy_storage_dtype(self.storage_dtype))
         row_bytes = out.itemsize * self.dim
         for p in np.unique(position):
-            shard = self.shard(p)
+            shard = self.checked_shard(p)
             wanted = np.flatnonzero(position == p)
             if shard.embedding_offset < 0:  # not file-backed (combined chunks)
                 out[wanted] = shard.embeddings[local[wanted]]
@@ -166,15 +202,17 @@ class _ShardedColumn:
             os.close(self._fds.popitem(last=False)[1])
         return self._fds[position]
 
-    def take(self, name: str, rows: np.ndarray) -> pa.Array:
-        """Column ``name`` at global rows, in the order asked (one ``take`` per shard touched)."""
+    def take(self, name: str, rows: np.ndarray, checked: bool = True) -> pa.Array:
+        """Column ``name`` at global rows, in the order asked (one ``take`` per shard touched);
+        the shards are checked first unless ``checked`` is False (keys read by a lookup)."""
         position, local = self.locate(rows)
         if len(local) == 0:
             return pa.array([], type=self.shard(0).table.schema.field(name).type) if len(self) else pa.array([])
         order = np.argsort(position, kind="stable")
         pieces = []
         for p in np.unique(position):
-            pieces.append(self.shard(p).table.column(name).take(pa.array(local[position == p])))
+            shard = self.checked_shard(p) if checked else self.shard(p)
+            pieces.append(shard.table.column(name).take(pa.array(local[position == p])))
         grouped = pa.chunked_array(pieces).combine_chunks()
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
@@ -186,6 +224,15 @@ class _ShardedColumn:
         if pa.types.is_fixed_size_list(array.type):
             return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
         return array.to_numpy(zero_copy_only=False)
+
+
+def _check_file(root: Path, path: Path, sha256: str) -> None:
+    """Refuse (one line naming the file) a file of the cache at ``root`` whose bytes do not
+    have ``sha256``."""
+    if fmt.sha256_file(path) != sha256:
+        raise UserError(f"teacher cache {root} is damaged: {path.relative_to(root).as_posix()} does not match "
+                        f"its sha256 (checked before its contents are used); run `rdkd cache verify {root}` "
+                        f"or extract it again")
 
 
 def _keys_of(shard: CacheShard) -> pa.Array:
@@ -201,20 +248,48 @@ def _to_tensor(stored: np.ndarray, storage_dtype: str, as_stored: bool = False) 
     return values.view(torch.bfloat16) if storage_dtype == "bfloat16" else values  # bf16 is stored as uint16 bits
 
 
+def manifest_files(manifest: dict) -> list[dict]:
+    """Every file entry of a manifest (``file``, ``rows``, ``bytes``, ``sha256``): the index,
+    the rejects, then each shard's images and texts."""
+    return [manifest["index"], manifest["rejects"],
+            *(s[kind] for s in manifest["shards"] for kind in ("images", "texts"))]
+
+
+def _check_file_names(root: Path, manifest: dict) -> None:
+    """Refuse, with one line and before any file is opened, a manifest naming a file
+    outside the cache folder (:func:`rdkd.cache.format.contained_file`)."""
+    try:
+        entries = manifest_files(manifest)
+    except (KeyError, TypeError) as err:
+        raise UserError(f"cannot read teacher cache {root}: its manifest lacks {err}") from None
+    for entry in entries:
+        try:
+            fmt.contained_file(root, entry.get("file") if isinstance(entry, dict) else None)
+        except ValueError as err:
+            raise UserError(f"teacher cache {root} is refused: its manifest's {err}; a cache may only "
+                            f"name files inside its folder") from None
+
+
 class TeacherCache:
     """A complete teacher-embedding cache, opened read-only by memory mapping."""
 
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: dict, check: bool = True):
+        """Use :meth:`open`, which checks the manifest first. ``check``: verify each file's
+        sha256 before its contents are used (the module docstring)."""
         self.root = root
         self.manifest = manifest
+        self.check = check
         self.storage_dtype: str = manifest["storage_dtype"]
         shards = manifest["shards"]
         dim = int(manifest["dim"])
-        self.images = _ShardedColumn(dim, [root / s["images"]["file"] for s in shards], [s["shard"] for s in shards],
-                                     [int(s["images"]["rows"]) for s in shards], self.storage_dtype)
-        self.texts = _ShardedColumn(dim, [root / s["texts"]["file"] for s in shards], [s["shard"] for s in shards],
-                                    [int(s["texts"]["rows"]) for s in shards], self.storage_dtype)
-        index = pa.ipc.open_file(pa.memory_map(str(root / fmt.INDEX), "r")).read_all()
+        self.images, self.texts = (
+            _ShardedColumn(root, dim, [fmt.contained_file(root, s[kind]["file"]) for s in shards],
+                           [s["shard"] for s in shards], [int(s[kind]["rows"]) for s in shards], self.storage_dtype,
+                           [s[kind]["sha256"] for s in shards] if check else None)
+            for kind in ("images", "texts"))
+        self._index_file = fmt.contained_file(root, manifest["index"]["file"])
+        self._index_checked = not check
+        index = pa.ipc.open_file(pa.memory_map(str(self._index_file), "r")).read_all()
         if any(index.column(name).num_chunks != 1 for name in index.column_names):
             index = index.combine_chunks()
         # zero-copy views of the mapped index columns; searchsorted runs on the mapped hashes
@@ -226,8 +301,10 @@ class TeacherCache:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path) -> "TeacherCache":
-        """Open the cache at ``path``; ``UserError`` when it is absent, incomplete or unreadable."""
+    def open(cls, path: str | Path, check: bool = True) -> "TeacherCache":
+        """Open the cache at ``path``; ``UserError`` when it is absent, incomplete or
+        unreadable, or when its manifest names a file outside the folder (before any file
+        is opened). ``check``: see the module docstring."""
         root = Path(path)
         manifest_path = root / fmt.MANIFEST
         if not root.is_dir():
@@ -244,8 +321,9 @@ class TeacherCache:
         if manifest.get("format_version") != fmt.FORMAT_VERSION:
             raise UserError(f"{root} has cache format version {manifest.get('format_version')}; "
                             f"this rdkd reads version {fmt.FORMAT_VERSION}")
+        _check_file_names(root, manifest)
         try:
-            cache = cls(root, manifest)
+            cache = cls(root, manifest, check)
         except (OSError, KeyError, TypeError, pa.ArrowException, ValueError) as err:
             raise UserError(f"cannot read teacher cache {root}: {err}") from None
         missing = [f for f in cache.images.files + cache.texts.files if not f.is_file()]
@@ -357,7 +435,11 @@ class TeacherCache:
         return rows
 
     def _hash_lookup(self, keys: pa.Array) -> CacheLookup:
-        """:meth:`lookup` through the index: hashes, binary search, keys compared in bulk."""
+        """:meth:`lookup` through the index (checked on first use): hashes, binary search,
+        keys compared in bulk."""
+        if not self._index_checked:
+            _check_file(self.root, self._index_file, self.manifest["index"]["sha256"])
+            self._index_checked = True
         hashes = fmt.key_hashes(keys)
         lo = np.searchsorted(self._hashes, hashes, side="left")
         hi = np.searchsorted(self._hashes, hashes, side="right")
@@ -366,7 +448,7 @@ class TeacherCache:
         tried = 0
         while pending.size:  # more than one round only where 64-bit hashes collide
             at = lo[pending] + tried
-            stored = self.images.take("key", self._index["image_row"][at]).cast(pa.large_string())
+            stored = self.images.take("key", self._index["image_row"][at], checked=False).cast(pa.large_string())
             same = pc.equal(stored, keys.take(pa.array(pending))).to_numpy(zero_copy_only=False)
             slot[pending[same]] = at[same]
             tried += 1
@@ -446,7 +528,11 @@ class TeacherCache:
     @cached_property
     def rejects(self) -> pa.Table:
         """key, source, reason of every dataset sample that is not in the cache."""
-        return pq.read_table(self.root / fmt.REJECTS)
+        entry = self.manifest["rejects"]
+        path = fmt.contained_file(self.root, entry["file"])
+        if self.check:
+            _check_file(self.root, path, entry["sha256"])
+        return pq.read_table(path)
 
     @property
     def rejected_keys(self) -> list[str]:
@@ -455,18 +541,15 @@ class TeacherCache:
     def verify(self) -> list[str]:
         """Check every file's checksum, the counts and the embedding dims; the problems found."""
         problems: list[str] = []
-        files = [self.manifest["index"], self.manifest["rejects"]]
-        for s in self.manifest["shards"]:
-            files += [s["images"], s["texts"]]
-        for entry in files:
-            path = self.root / entry["file"]
+        for entry in manifest_files(self.manifest):
+            path = fmt.contained_file(self.root, entry["file"])
             if not path.is_file():
                 problems.append(f"{entry['file']}: missing")
             elif fmt.sha256_file(path) != entry["sha256"]:
                 problems.append(f"{entry['file']}: sha256 mismatch")
         for kind, column in (("images", self.images), ("texts", self.texts)):
             for position, s in enumerate(self.manifest["shards"]):
-                if not (self.root / s[kind]["file"]).is_file():
+                if not column.files[position].is_file():
                     continue  # reported above
                 try:
                     shard = column.shard(position)
@@ -486,6 +569,10 @@ class TeacherCache:
             problems.append(f"{fmt.INDEX}: {len(self._hashes)} keys, manifest says {counts['images']}")
         if self.images.num_rows != counts["images"] * self.views:
             problems.append(f"images: {self.images.num_rows} rows != {counts['images']} images x {self.views} views")
-        if (self.root / fmt.REJECTS).is_file() and self.rejects.num_rows != counts["rejects"]:
-            problems.append(f"{fmt.REJECTS}: {self.rejects.num_rows} rows, manifest says {counts['rejects']}")
+        rejects = fmt.contained_file(self.root, self.manifest["rejects"]["file"])
+        if rejects.is_file() and (found := pq.read_metadata(rejects).num_rows) != counts["rejects"]:
+            problems.append(f"{fmt.REJECTS}: {found} rows, manifest says {counts['rejects']}")
+        if not problems:  # every file was hashed just now: the reader need not hash them again
+            self.images.checked[:] = self.texts.checked[:] = 1
+            self._index_checked = True
         return problems

@@ -93,11 +93,12 @@ def write_shard(
 
 
 def read_part(root: Path, shard: int) -> dict | None:
-    """The commit record of a finished shard, or None when the shard is absent or incomplete."""
+    """The commit record of a finished shard, or None when the shard is absent or incomplete
+    (or its record names a file outside the cache folder: then the shard is redone)."""
     try:
         record = json.loads(fmt.part_file(root, shard).read_text(encoding="utf-8"))
         for kind in ("images", "texts"):
-            if (root / record[kind]["file"]).stat().st_size != record[kind]["bytes"]:
+            if fmt.contained_file(root, record[kind]["file"]).stat().st_size != record[kind]["bytes"]:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

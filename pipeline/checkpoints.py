@@ -49,6 +49,22 @@ _NUMPY_ARRAY_GLOBALS = {
 }
 
 
+def save(state: Any, path: Path) -> None:
+    """``torch.save`` through a Python file object: a write that fails (disk full) raises
+    the OSError that :func:`rdkd.files.writing` reports (given a path, torch's C++ writer
+    raises a RuntimeError instead), and the archive's inner folder is ``archive`` rather
+    than the (temporary, per-process) file name, so equal states give equal bytes."""
+    with open(path, "wb") as handle:
+        try:
+            torch.save(state, handle)
+        except RuntimeError as err:
+            # torch, closing the archive after a write failed, raises a RuntimeError of its
+            # own; the write's OSError (its context) is the one that says what happened
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
+
+
 def load(path: str | Path, what: str = "checkpoint", *, lazy: bool = False) -> Any:
     """Read a torch checkpoint as data only (``weights_only=True``, on the CPU).
 
@@ -206,7 +222,7 @@ def upgrade_train_checkpoint(old: str | Path, new: str | Path | None = None) -> 
                         f"read ({type(err).__name__}: {err})") from None
 
     def write_and_check(tmp: Path) -> None:
-        torch.save(upgraded, tmp)
+        save(upgraded, tmp)
         load(tmp, f"converted checkpoint (from {old})")
 
     atomic_write(new, write_and_check)

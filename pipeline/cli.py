@@ -2,7 +2,10 @@
 
 Each command parses options and calls one function in ``rdkd.stages``; the stages do the
 work and raise :class:`rdkd.errors.UserError` for bad input, which ``main`` turns into one
-line on stderr and exit code 2.
+line on stderr and exit code 2. Exit codes: 0 done, 2 bad input (the command or its
+input), 3 a training run diverged, 4 the storage refused a write (disk or quota full,
+read-only, permission denied: free space or fix the folder and rerun, which resumes),
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import List, Optional
 
 import typer
 
-from rdkd.errors import Diverged, UserError
+from rdkd.errors import Diverged, StorageError, UserError
+from rdkd.files import storage_error
 
 app = typer.Typer(
     help="Distil open_clip teachers into small students from an offline teacher-embedding cache.",
@@ -146,7 +150,7 @@ def train_student_command(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint file or a run folder (its latest checkpoint)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default artifacts/students/<student>-<loss>-seed<seed>)."),
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Where the logs go (default <out>/logs): metrics.jsonl, TensorBoard events, skipped.jsonl. Outside --out, the run folder holds only what the inputs and the seed determine."),
-    verify_cache: Optional[bool] = typer.Option(None, "--verify-cache/--no-verify-cache", help="Checksum every cache file first (default: only caches up to 2 GiB; bigger ones get a size check)."),
+    verify_cache: Optional[bool] = typer.Option(None, "--verify-cache/--no-verify-cache", help="Default: check file sizes first, and each cache shard's sha256 before its rows are first used. --verify-cache: hash every file first (start-up grows with the cache). --no-verify-cache: sizes only, no checksums."),
     log_every: int = typer.Option(50, "--log-every", min=1, help="Steps per log record: loss means, rates, data-wait and compute time, and the non-finite check (the one host-device sync of an interval)."),
     compile_student: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the student (see BENCHMARKS.md for when it pays)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -300,10 +304,20 @@ def demo_data_command(
 
 
 def main() -> None:
-    """Console-script entry: run the app, turning user errors into one line and exit code 2
-    and a diverged training run into one line and exit code 3."""
+    """Console-script entry: run the app, turning user errors into one line and exit code 2,
+    a diverged training run into one line and exit code 3 and a storage fault into one line
+    and exit code 4."""
     try:
         app()
+    except OSError as err:  # a storage fault outside the stages' own write sites: still one line
+        wrapped = storage_error(err, None)
+        if wrapped is None:
+            raise
+        print(f"error: {wrapped}", file=sys.stderr)
+        sys.exit(4)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(4)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

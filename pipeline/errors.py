@@ -9,6 +9,16 @@ class UserError(Exception):
     """
 
 
+class StorageError(UserError):
+    """The storage refused a write: the disk or the quota is full, the file system is
+    read-only, or permission is denied. The input was fine: the CLI prints
+    ``error: cannot write <path>: <cause>`` on one line and exits with code 4 (not 2), so a
+    script can tell "free some space and rerun" from "fix the command". Raised by
+    :func:`rdkd.files.writing`; nothing half-written is left under a final name, and a rerun
+    after the fault is cleared resumes.
+    """
+
+
 class SampleError(Exception):
     """One sample of a dataset cannot be used; ``reason`` is recorded in the rejects table."""
 

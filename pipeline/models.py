@@ -148,10 +148,9 @@ def export_clip(model: torch.nn.Module, model_config: dict[str, Any], out_dir: s
     bare model config) is written too, for ``open_clip.add_model_config`` with
     ``pretrained=OUT_DIR/open_clip_model.safetensors``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if preprocess_cfg is None:
         preprocess_cfg = dict(getattr(getattr(model, "visual", None), "preprocess_cfg", {}) or {})
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
@@ -159,7 +158,9 @@ def export_clip(model: torch.nn.Module, model_config: dict[str, Any], out_dir: s
     weights = out / "open_clip_model.safetensors"
     config = out / "open_clip_config.json"
     bare = out / "model_config.json"
-    atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+    # bytes written from Python, so that a full disk raises an OSError (reported with the
+    # path by rdkd.files.writing) rather than an error of safetensors' own file writer
+    atomic_write(weights, lambda tmp: tmp.write_bytes(safetensors_bytes(state)))
     atomic_write(config, lambda tmp: tmp.write_text(json.dumps(
         {"model_cfg": model_config, "preprocess_cfg": _jsonable(preprocess_cfg)}, indent=2)))
     atomic_write(bare, lambda tmp: tmp.write_text(json.dumps(model_config, indent=2)))

@@ -154,6 +154,15 @@ def join_batches(parts: Sequence[dict]) -> dict:
             [x for p in parts for x in p[k]] for k, v in parts[0].items()}
 
 
+def worker_error_line(err: Exception) -> str:
+    """The message of an exception as raised, also when a DataLoader re-raised it from a
+    worker: the DataLoader appends the worker's traceback, whose last line is
+    ``module.Type: message``."""
+    last = [line for line in str(err).splitlines() if line.strip()][-1]
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
 def device_batches(loader: Any, device: torch.device, pieces: int = 1) -> Iterator[dict]:
     """The loader's dict batches on ``device``, every ``pieces`` consecutive items joined
     into one (:func:`join_batches`, on the device). On CUDA, batch i+1 is copied and joined
@@ -163,7 +172,10 @@ def device_batches(loader: Any, device: torch.device, pieces: int = 1) -> Iterat
     items = iter(loader)
 
     def take() -> list[dict] | None:
-        parts = list(itertools.islice(items, pieces))
+        try:
+            parts = list(itertools.islice(items, pieces))
+        except UserError as err:  # e.g. a damaged cache shard found by a DataLoader worker
+            raise type(err)(worker_error_line(err)) from None
         return parts if len(parts) == pieces else None
 
     if device.type != "cuda":

@@ -269,10 +269,7 @@ class ShardStream:
         items = self._epoch_loader(epoch, step * self.pieces, loader_options)
         while True:
             for k in range(step * self.pieces, steps_per_epoch * self.pieces):
-                try:
-                    piece = next(items, None)
-                except UserError as err:  # raised in a worker: DataLoader adds its traceback
-                    raise UserError(_last_line(str(err))) from None
+                piece = next(items, None)
                 if piece is None:
                     raise UserError(f"rank {self.rank}'s stream ended before step {steps_per_epoch} of epoch {epoch}")
                 if k == steps_per_epoch * self.pieces - 1:  # the next epoch's workers start while this trains
@@ -401,7 +398,8 @@ class _CacheShardRef:
 
         self.root = cache.root
         self.views = cache.views
-        images, texts = cache.images.shard(shard), cache.texts.shard(shard)
+        # checked: the keys and captions decide which rows and captions a student sees
+        images, texts = cache.images.checked_shard(shard), cache.texts.checked_shard(shard)
         self.keys = images.table.column("key").to_pylist()[::self.views]
         self.image_first = images.first_row
         text_keys = texts.table.column("key").to_pylist()
@@ -439,8 +437,3 @@ class EpochStream(torch.utils.data.IterableDataset):
         lane = (self.first_lane + worker) % workers
         return self.stream.lane(self.epoch, lane, self.taken[lane])
 
-
-def _last_line(message: str) -> str:
-    """The message of an exception re-raised by a DataLoader (its last line, less the type)."""
-    last = [line for line in message.splitlines() if line.strip()][-1]
-    return last.split(": ", 1)[1] if last.startswith(("rdkd.errors.UserError: ", "UserError: ")) else last

@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler
 
 from rdkd import checkpoints
 from rdkd.errors import Diverged, SampleError, UserError
-from rdkd.files import atomic_write
+from rdkd.files import atomic_write, writing
 from rdkd.runtime import uint8_transform
 
 # CLIP-KD's train augmentation: RandomResizedCrop with scale (0.9, 1.0).
@@ -122,15 +122,17 @@ class PairBuilder:
         if self.cache is not None:
             state["cache"] = None
             state["_cache_root"] = str(self.cache.root)
+            state["_cache_check"] = self.cache.check
         return state
 
     def __setstate__(self, state: dict) -> None:
         root = state.pop("_cache_root", None)
+        check = state.pop("_cache_check", True)
         self.__dict__.update(state)
         if root is not None:
             from rdkd.cache import TeacherCache
 
-            self.cache = TeacherCache.open(root)
+            self.cache = TeacherCache.open(root, check=check)
 
     def sample(self, epoch: int, index: int, captions: Sequence[str], image_bytes: bytes,
                rows: tuple[int, int, int] | None = None) -> dict:
@@ -444,7 +446,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` atomically (a reader never sees a partial checkpoint). ``state``
     holds tensors and plain data only (:mod:`rdkd.checkpoints`)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: checkpoints.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -576,27 +578,32 @@ class MetricsLog:
     def __init__(self, log_dir: Path, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir
         self.path = log_dir / "metrics.jsonl"
-        if resume_step is None:
-            self.path.write_text("")
-            shutil.rmtree(log_dir / "tb", ignore_errors=True)  # or TensorBoard shows both runs as one
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a")
-        self._tb = SummaryWriter(str(log_dir / "tb"),
-                                 purge_step=resume_step + 1 if resume_step is not None else None)
+        with writing(log_dir):
+            log_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self.path.write_text("")
+                shutil.rmtree(log_dir / "tb", ignore_errors=True)  # or TensorBoard shows both runs as one
+            elif self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= resume_step]
+                self.path.write_text("".join(line + "\n" for line in kept))
+            self._file = open(self.path, "a")
+            self._tb = SummaryWriter(str(log_dir / "tb"),
+                                     purge_step=resume_step + 1 if resume_step is not None else None)
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with writing(self.path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         step = record["step"]
-        for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)):
-                self._tb.add_scalar(name, value, step)
+        with writing(self.log_dir / "tb"):
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(name, value, step)
 
     def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+        with writing(self.log_dir):
+            self._file.close()
+            self._tb.close()

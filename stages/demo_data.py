@@ -22,7 +22,10 @@ Layout under ``out`` (defaults: pretrain and train as shards, test as CSV)::
     zeroshot/<task>/labels.csv            filepath<TAB>label (the same images as a CSV)
 
 Everything is written into a sibling ``.<name>.partial`` folder and renamed into place at the
-end, so an interrupted run leaves ``out`` as it was.
+end, so an interrupted run leaves ``out`` as it was. A write the storage refuses (disk full,
+read-only, permission) removes the partial folder and stops with one line
+(:class:`rdkd.errors.StorageError`); the world is a function of its settings, so a rerun
+writes the same bytes.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import rdkd
 from rdkd.stages import demo_world
 from rdkd.stages.demo_world import PROFILES, Sample, WorldConfig
 from rdkd.errors import UserError
+from rdkd.files import writing
 
 WORLD_FILE = "world.json"
 WORLD_FORMAT_VERSION = 1
@@ -346,15 +350,28 @@ def demo_data(
 
     partial = out.parent / f".{out.name}.partial"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)  # left by an interrupted run: ours, never the user's output
-        partial.mkdir()
-    except OSError as err:
+        with writing(out.parent):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)  # left by an interrupted run: ours, never the user's output
+            partial.mkdir()
+    except OSError as err:  # e.g. a file where a folder should be
         raise UserError(f"cannot write to {out.parent}: {err.strerror or err}") from None
 
-    jobs = _split_jobs(cfg)
     started = time.perf_counter()
+    try:
+        with writing(out):
+            _write_world(cfg, description, partial, workers, progress)
+            _move_into_place(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # ours and half-written: not left to fill the disk
+        raise
+    return {**description, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _write_world(cfg: WorldConfig, description: dict, partial: Path, workers: int, progress: bool) -> None:
+    """Render every split and zero-shot task into ``partial``, then its ``world.json``."""
+    jobs = _split_jobs(cfg)
     csv_splits: dict[str, _CsvSplit] = {}
     tasks: dict[str, _ZeroshotTask] = {}
     columns = (TextColumn("demo-data"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn())
@@ -380,6 +397,9 @@ def demo_data(
         writer.close()
     (partial / WORLD_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+
+def _move_into_place(partial: Path, out: Path) -> None:
+    """Rename the finished ``partial`` folder to ``out``, replacing what was there."""
     if out.exists():
         stale = out.parent / f".{out.name}.replaced"
         if stale.exists():
@@ -389,4 +409,3 @@ def demo_data(
         shutil.rmtree(stale)
     else:
         partial.rename(out)
-    return {**description, "seconds": round(time.perf_counter() - started, 2)}

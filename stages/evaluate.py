@@ -537,7 +537,6 @@ def evaluate(
         per_class_tables[zs.task.name] = list(zip(zs.classnames, per_class_acc.tolist()))
 
     run = _run_labels(model, scored_cache, run_info, dim)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = {name: M.as_written(value) for name, value in results.items()}
     atomic_write_json(out, results)
     atomic_write_json(out.parent / EVALUATION_INFO, info)

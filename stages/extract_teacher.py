@@ -70,6 +70,7 @@ from rdkd.cache import writer
 from rdkd.cache.views import ViewConfig, eval_view_box, random_view, render_view, view_rng
 from rdkd.data import DataSpec, Dataset, open_dataset
 from rdkd.errors import UserError
+from rdkd.files import writing
 from rdkd.models import LoadedClip, ModelSpec, load_clip
 
 DEFAULT_ARTIFACTS = Path("artifacts")
@@ -570,10 +571,11 @@ def _check_writable(root: Path, rank: int) -> bool:
     created = not root.exists()
     probe = root / f".rdkd-write-probe-{rank}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
+        with writing(root):  # full, read-only, not ours: StorageError (exit 4)
+            root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as err:  # e.g. a file where a folder should be
         raise UserError(f"cannot write to output {root}: {err.strerror or err}") from None
     return created
 

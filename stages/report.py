@@ -362,7 +362,6 @@ def report(inputs: Sequence[str | Path] = DEFAULT_INPUTS, out: str | Path = DEFA
     gaps = gap_closed(runs, groups, headline)
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     _write_runs_csv(out / "runs.csv", runs, all_metrics)
     _write_table_csv(out / "table.csv", groups, all_metrics)
     _write_paired_csv(out / "paired.csv", paired)

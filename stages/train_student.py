@@ -73,9 +73,6 @@ from rdkd.training import (
 
 CHECKPOINT_FORMAT = checkpoints.TRAIN_FORMAT  # tensors and plain data: loads with weights_only=True
 DEFAULT_ARTIFACTS = Path("artifacts")
-# Caches up to this size are checksummed in full before training (seconds); bigger ones get
-# a file-size check unless --verify-cache asks for the full one.
-FULL_VERIFY_MAX_BYTES = 2 << 30
 # Decode failures recorded by key in logs/skipped.jsonl (all are counted in run.json).
 MAX_SKIPPED_RECORDS = 10_000
 # DataLoader workers build local batches in pieces of at most this many bytes, and may hold
@@ -310,7 +307,7 @@ def setup(config: TrainConfig) -> Run:
     if config.cache is not None:
         from rdkd.cache import TeacherCache
 
-        cache = TeacherCache.open(Path(config.cache))
+        cache = TeacherCache.open(Path(config.cache), check=config.verify_cache is not False)
     layout = streaming.streaming_layout(config.stream, spec, cache)
     dataset = open_dataset(spec) if layout is None else None
     if cache is not None:
@@ -601,20 +598,21 @@ def _gather_objects(obj: Any, dist_info: Any) -> list:
 
 
 def _verify_cache(cache: Any, full: bool | None) -> None:
-    """Refuse a damaged cache. Full check (sha256 of every file, rows, dims) when ``full``,
-    or by default when the cache is small enough to hash in seconds; otherwise every
-    file must exist with the byte size the manifest records."""
-    manifest = cache.manifest
-    files = [manifest["index"], manifest["rejects"]]
-    files += [s[kind] for s in manifest["shards"] for kind in ("images", "texts")]
-    if full is None:
-        full = sum(int(f.get("bytes", 0)) for f in files) <= FULL_VERIFY_MAX_BYTES
+    """Refuse a damaged cache before anything is written: every file must exist with the
+    byte size the manifest records (a stat per file, whatever the cache's size). The sha256
+    of each shard is checked by the reader before the shard's rows are first used (opened
+    with ``check``: :mod:`rdkd.cache.reader`), so the damage a size cannot show stops the
+    run before its rows train the student. ``full`` (--verify-cache): also hash every file
+    now, in one pass (then the reader does not hash again); False (--no-verify-cache): the
+    reader checks nothing."""
+    from rdkd.cache.reader import manifest_files
+
     if full:
         problems = cache.verify()
     else:
         problems = []
-        for f in files:
-            path = cache.root / f["file"]
+        for f in manifest_files(cache.manifest):
+            path = cache.root / f["file"]  # inside the cache: TeacherCache.open checked every name
             if not path.is_file():
                 problems.append(f"{f['file']}: missing")
             elif "bytes" in f and path.stat().st_size != int(f["bytes"]):
