@@ -84,6 +84,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import braceexpand
 import numpy as np
@@ -96,6 +97,8 @@ from rdkd.files import atomic_write_bytes
 
 FORMATS = ("auto", "csv", "webdataset", "parquet")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Tar read buffer of a sequential pass (iter_samples): one pass over the shard, in large reads.
+TAR_READ_BUFFER_BYTES = 1 << 20
 # 2**27 pixels (e.g. 11585 x 11585) is far above any training image and far below what
 # exhausts memory when decoded (3 bytes per pixel: ~400 MB).
 DEFAULT_MAX_PIXELS = 2**27
@@ -388,7 +391,7 @@ class WebDataset(Dataset):
     _per_process_state = ("_open_shard",)
 
     def __init__(self, spec: DataSpec, workers: int | None = None, cpu_share: int = 1):
-        shards = _expand_shards(spec.path)
+        shards = expand_shards(spec.path)
         super().__init__(spec, _scan_tar, shards, [{}] * len(shards), workers, cpu_share)
         self._offsets, self._sizes = self._locations["offset"], self._locations["size"]
         self._open_shard: tuple[int, int] | None = None  # (shard, file descriptor), per process
@@ -829,88 +832,128 @@ def _scan_parquet(path: str, options: dict) -> tuple[pa.Table, dict]:
 
 
 def _scan_tar(path: str, options: dict) -> tuple[pa.Table, dict]:
-    """Candidates of a tar shard: one per sample (members sharing a key), in member order.
+    """Candidates of a tar shard: one per sample (:func:`iter_samples`), in member order.
 
     Reads headers and caption members only; image members are located, not read.
     A tar whose headers break part-way yields the samples before the break, then one
     ``broken tar member`` problem for the sample being read.
     """
     candidates = _Candidates(offset=pa.int64(), size=pa.int64())
-    for key, image, caption, problem in _tar_samples(path):
-        if problem:
-            candidates.add(key, problem=problem)
+    for sample in iter_samples(path):
+        if sample.problem:
+            candidates.add(sample.key, problem=sample.problem)
         else:
-            kept, dropped = _split_caption_lines(caption)
-            candidates.add(key, captions=kept, dropped=dropped, offset=image[0], size=image[1])
+            kept, dropped = caption_lines(sample.caption)
+            candidates.add(sample.key, captions=kept, dropped=dropped, offset=sample.image[0], size=sample.image[1])
     return candidates.table(), {}
 
 
-def _tar_samples(shard: str) -> Iterator[tuple]:
-    """(key, (image offset, image size), caption bytes, problem) per sample of a tar."""
-    file_size = os.path.getsize(shard)
-    try:
-        tar = tarfile.open(shard, mode="r:")
-    except tarfile.TarError as err:
-        yield (Path(shard).name, None, None, f"{BROKEN_TAR_MEMBER}: {err}")
-        return
-    with tar:
-        current_key: str | None = None
-        image: tuple[int, int] | None = None
-        caption: bytes | None = None
-        problem: str | None = None
+def member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(sample key, lower-case extension) of a tar member as webdataset groups them: the
+    member's path up to the first dot of its file name, and what follows; None for members
+    that belong to no sample (folders, links, names without an extension)."""
+    if not member.isfile():
+        return None
+    directory, base = os.path.split(member.name)
+    if "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
-        def finish():
-            if current_key is None:
-                return None
-            if problem:
-                return (current_key, None, None, problem)
-            if image is None:
-                return (current_key, None, None, NO_IMAGE)
-            if caption is None:
-                return (current_key, None, None, NO_CAPTION)
-            return (current_key, image, caption, None)
 
+@dataclass
+class TarSample:
+    """One sample of a webdataset tar: consecutive members sharing a key (:func:`member_key`).
+
+    ``image``: (offset, size) in the tar of its first image member; ``image_bytes`` and
+    ``caption`` (the ``.txt`` member's bytes) when its contents were read; ``problem``: why
+    the sample is unusable (no image, no caption, a broken member), None when it is fine;
+    ``tag``: what the reader's ``contents`` callback said of it.
+    """
+
+    key: str
+    tag: Any = True
+    image: tuple[int, int] | None = None
+    image_bytes: bytes | None = None
+    caption: bytes | None = None
+    problem: str | None = None
+
+
+def iter_samples(path: str, contents: Callable[[str], Any] | None = None,
+                 sequential: bool = False) -> Iterator[TarSample]:
+    """The samples of the webdataset tar at ``path``, in member order: the one tar reader
+    of the index scan, the stream's key scan and the stream's reader.
+
+    ``contents(key)`` is asked once per sample, at its first member, in order; what it
+    returns becomes the sample's ``tag``, and the sample's caption (and with ``sequential``
+    its image bytes) is read only when the tag is truthy. Without it every caption is read.
+    ``sequential``: one pass in large reads without seeking (a stream), image bytes read;
+    otherwise images are located, not read. A sample missing its image or caption (when
+    read) or with a member past the end of the file gets a ``problem``; a tar whose headers
+    break part-way yields the samples before the break, then one ``broken tar member``
+    problem for the sample being read, and ends. ``OSError`` from reading passes through.
+    """
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        try:
+            tar = tarfile.open(fileobj=file, mode="r|" if sequential else "r:", bufsize=TAR_READ_BUFFER_BYTES)
+        except tarfile.TarError as err:
+            yield TarSample(Path(path).name, problem=f"{BROKEN_TAR_MEMBER}: {err}")
+            return
+        sample: TarSample | None = None
         members = iter(tar)
         while True:
             try:
                 member = next(members)
+                named = member_key(member)
+                if named is None:
+                    continue
+                key, ext = named
+                if sample is None or key != sample.key:
+                    if sample is not None:
+                        yield _finished(sample)
+                    sample = TarSample(key, tag=contents(key) if contents is not None else True)
+                _read_member(tar, member, ext, sample, file_size, sequential)
             except StopIteration:
                 break
             except tarfile.TarError as err:
-                yield (current_key or Path(shard).name, None, None, f"{BROKEN_TAR_MEMBER}: {err}")
+                yield TarSample(sample.key if sample else Path(path).name, problem=f"{BROKEN_TAR_MEMBER}: {err}")
                 return
-            if not member.isfile():
-                continue
-            directory, base = os.path.split(member.name)
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = f"{directory}/{stem}" if directory else stem
-            if key != current_key:
-                done = finish()
-                if done:
-                    yield done
-                current_key, image, caption, problem = key, None, None, None
-            if member.offset_data + member.size > file_size:
-                problem = f"{BROKEN_TAR_MEMBER}: {base} extends past the end of the file"
-                continue
-            ext = ext.lower()
-            if ext in IMAGE_EXTENSIONS and image is None:
-                image = (member.offset_data, member.size)
-            elif ext == "txt":
-                extracted = tar.extractfile(member)
-                caption = extracted.read() if extracted is not None else b""
-                if len(caption) != member.size:
-                    problem = f"{BROKEN_TAR_MEMBER}: {base} truncated"
-        done = finish()
-        if done:
-            yield done
-        # tarfile ends iteration quietly at a corrupt header after the first member; the
-        # end of a tar is zero blocks, so anything else there means samples were lost.
-        tar.fileobj.seek(tar.offset)
-        if tar.fileobj.read(512).strip(b"\0"):
-            yield (f"{Path(shard).name}@{tar.offset}", None, None,
-                   f"{BROKEN_TAR_MEMBER}: unreadable tar header at byte {tar.offset}; rest of the shard skipped")
+        if sample is not None:
+            yield _finished(sample)
+        if not sequential:
+            # tarfile ends iteration quietly at a corrupt header after the first member; the
+            # end of a tar is zero blocks, so anything else there means samples were lost.
+            file.seek(tar.offset)
+            if file.read(512).strip(b"\0"):
+                yield TarSample(f"{Path(path).name}@{tar.offset}", problem=(
+                    f"{BROKEN_TAR_MEMBER}: unreadable tar header at byte {tar.offset}; rest of the shard skipped"))
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample: TarSample, file_size: int,
+                 sequential: bool) -> None:
+    """Take what ``sample`` needs of one of its members."""
+    base = os.path.basename(member.name)
+    if member.offset_data + member.size > file_size:
+        sample.problem = f"{BROKEN_TAR_MEMBER}: {base} extends past the end of the file"
+        return
+    if ext in IMAGE_EXTENSIONS and sample.image is None:
+        sample.image = (member.offset_data, member.size)
+        if sequential and sample.tag:
+            sample.image_bytes = tar.extractfile(member).read()
+    elif ext == "txt" and sample.tag:
+        sample.caption = tar.extractfile(member).read()
+        if len(sample.caption) != member.size:
+            sample.problem = f"{BROKEN_TAR_MEMBER}: {base} truncated"
+
+
+def _finished(sample: TarSample) -> TarSample:
+    if sample.problem is None and sample.tag:
+        if sample.image is None:
+            sample.problem = NO_IMAGE
+        elif sample.caption is None:
+            sample.problem = NO_CAPTION
+    return sample
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -935,8 +978,9 @@ def _clean_caption(raw: str | bytes) -> tuple[str, str | None]:
     return (caption, None) if caption else ("", EMPTY_CAPTION)
 
 
-def _split_caption_lines(data: bytes) -> tuple[tuple[str, ...], list[str]]:
-    """Captions of a webdataset ``.txt`` member: one per non-empty line."""
+def caption_lines(data: bytes) -> tuple[tuple[str, ...], list[str]]:
+    """(captions, reasons dropped) of a webdataset ``.txt`` member: one caption per
+    non-empty line; no captions and the reason when it has none or is not UTF-8."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -960,7 +1004,9 @@ def _pick_column(names: list[str], given: str, default: str, candidates: Iterabl
     )
 
 
-def _expand_shards(path: str) -> list[str]:
+def expand_shards(path: str) -> list[str]:
+    """The tar shards of a webdataset spec: a folder's ``*.tar`` (sorted) or a brace pattern;
+    :class:`UserError` when there are none or one is missing."""
     folder = Path(path)
     if folder.is_dir():
         shards = sorted(str(p) for p in folder.glob("*.tar"))

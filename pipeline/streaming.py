@@ -53,14 +53,13 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from rdkd.data import IMAGE_EXTENSIONS, DataSpec, _expand_shards, _split_caption_lines
+from rdkd.data import BROKEN_TAR_MEMBER, DataSpec, expand_shards, caption_lines, iter_samples
 from rdkd.errors import SampleError, UserError
 from rdkd.training import PairBuilder, loader_generator
 
@@ -74,8 +73,6 @@ DEFAULT_SHUFFLE_BUFFER = 2_000
 ALIGNMENT_CHECKS = 16
 # Samples read from the start of a tar while looking for the cache shard's first sample.
 ALIGNMENT_WINDOW = 64
-# Tar read buffer: one sequential pass, in large reads.
-READ_BUFFER_BYTES = 1 << 20
 # Separate random streams for the shard order and the shuffle buffers.
 _SHARD_ORDER, _SHUFFLE = 1, 2
 
@@ -109,7 +106,7 @@ def streaming_layout(stream: bool | None, spec: DataSpec, cache: Any) -> StreamL
     if cache is None:
         raise UserError("--stream needs the teacher cache of the data (--cache): its manifest gives "
                         "the samples of each shard")
-    return _aligned_layout(_expand_shards(spec.path), cache)
+    return _aligned_layout(expand_shards(spec.path), cache)
 
 
 def _aligned_layout(shards: list[str], cache: Any) -> StreamLayout:
@@ -139,27 +136,13 @@ def _aligned_layout(shards: list[str], cache: Any) -> StreamLayout:
 
 def _tar_keys(path: str) -> Iterator[str]:
     """Sample keys of a tar in order (headers only)."""
-    last = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                key = _member_key(member)
-                if key is not None and key[0] != last:
-                    last = key[0]
-                    yield last
-    except (OSError, tarfile.TarError) as err:
+        for sample in iter_samples(path, contents=lambda key: False):
+            if (sample.problem or "").startswith(BROKEN_TAR_MEMBER):
+                raise UserError(f"cannot read data shard {path}: {sample.problem}")
+            yield sample.key
+    except OSError as err:
         raise UserError(f"cannot read data shard {path}: {err}") from None
-
-
-def _member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
-    """(webdataset key, lower-case extension) of a file member, as rdkd.data groups samples."""
-    if not member.isfile():
-        return None
-    directory, base = os.path.split(member.name)
-    if "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
 def emission_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -340,49 +323,33 @@ class ShardStream:
         found = 0  # cached samples met so far
         entry = ref.entries.start  # dataset entry of the next indexed sample
         undecodable_seen: set[str] = set()
-        group = None  # key of the sample being read
-        taking = None  # (sample in the cache shard, dataset entry) when the sample is wanted
-        image = caption = None
 
-        def raw() -> tuple[int, tuple]:
-            i, index = taking
-            kept = _split_caption_lines(caption)[0] if caption is not None else ()
-            if kept != ref.captions[i]:
-                raise UserError(f"data shard {path} sample {group!r}: captions differ from cache shard "
-                                f"{shard}'s; the cache was made from other data")
-            rows = (ref.image_first + i * ref.views, ref.views, int(ref.text_starts[i]))
-            return first_position + i, (group, index, ref.captions[i], image or b"", rows)
+        def taking(key: str) -> tuple[int, int] | None:
+            """(sample in the cache shard, dataset entry) of a wanted cached sample, else None."""
+            nonlocal found, entry
+            if found < len(ref.keys) and key == ref.keys[found]:
+                take = (found, entry) if wanted[first_position + found] else None
+                found += 1
+                entry += 1
+                return take
+            if key in ref.undecodable and key not in undecodable_seen:
+                undecodable_seen.add(key)
+                entry += 1
+            return None
 
         try:
-            with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r|", bufsize=READ_BUFFER_BYTES) as tar:
-                for member in tar:
-                    named = _member_key(member)
-                    if named is None:
-                        continue
-                    key, ext = named
-                    if key != group:
-                        if taking:
-                            yield raw()
-                        group, taking, image, caption = key, None, None, None
-                        if found < len(ref.keys) and key == ref.keys[found]:
-                            if wanted[first_position + found]:
-                                taking = (found, entry)
-                            found += 1
-                            entry += 1
-                        elif key in ref.undecodable and key not in undecodable_seen:
-                            undecodable_seen.add(key)
-                            entry += 1
-                    if taking:
-                        if ext in IMAGE_EXTENSIONS and image is None:
-                            image = tar.extractfile(member).read()
-                        elif ext == "txt":
-                            caption = tar.extractfile(member).read()
-                if taking:
-                    yield raw()
+            for sample in iter_samples(path, taking, sequential=True):
+                if sample.tag is None or (sample.problem or "").startswith(BROKEN_TAR_MEMBER):
+                    continue  # a tar broken part-way: fine if the cache ends where it breaks (checked below)
+                i, index = sample.tag
+                kept = caption_lines(sample.caption)[0] if sample.caption is not None else ()
+                if kept != ref.captions[i]:
+                    raise UserError(f"data shard {path} sample {sample.key!r}: captions differ from cache shard "
+                                    f"{shard}'s; the cache was made from other data")
+                rows = (ref.image_first + i * ref.views, ref.views, int(ref.text_starts[i]))
+                yield first_position + i, (sample.key, index, ref.captions[i], sample.image_bytes or b"", rows)
         except OSError as err:
             raise UserError(f"cannot read data shard {path}: {err}") from None
-        except tarfile.TarError:
-            pass  # a tar broken part-way: fine if the cache ends where it breaks (checked below)
         if found != len(ref.keys) or entry != ref.entries.stop:
             raise UserError(f"data shard {path} does not match cache shard {shard} of {ref.root}: found "
                             f"{found} of its {len(ref.keys)} samples and {entry - ref.entries.start} of "

@@ -144,13 +144,13 @@ def test_builder_equals_the_sequential_rule_on_random_candidates():
 def count_scans(monkeypatch):
     """Counts tar shards scanned in this process (the scanner's inner reader, so entries keep their name)."""
     scanned = Counter()
-    original = data_module._tar_samples
+    original = data_module.iter_samples
 
-    def counting(shard):
+    def counting(shard, *args, **kwargs):
         scanned[Path(shard).name] += 1
-        return original(shard)
+        return original(shard, *args, **kwargs)
 
-    monkeypatch.setattr(data_module, "_tar_samples", counting)
+    monkeypatch.setattr(data_module, "iter_samples", counting)
     return scanned
 
 
@@ -249,11 +249,11 @@ import rdkd.data as data
 from rdkd import distributed
 
 scanned = Counter()
-original = data._tar_samples
-def counting(shard):
+original = data.iter_samples
+def counting(shard, *args, **kwargs):
     scanned[Path(shard).name] += 1
-    return original(shard)
-data._tar_samples = counting
+    return original(shard, *args, **kwargs)
+data.iter_samples = counting
 info = distributed.setup("cpu")
 ds = data.open_dataset(data.DataSpec(sys.argv[1]))
 print(json.dumps({"rank": info.rank, "scanned": sum(scanned.values()), "keys": list(ds.keys),

@@ -428,10 +428,10 @@ def _changed_copy(stream_data, root: Path, key: str, member: str, data: bytes):
     import shutil
     import tarfile
 
-    from rdkd.data import DataSpec, _expand_shards
+    from rdkd.data import DataSpec, expand_shards
 
     root.mkdir()
-    for shard in _expand_shards(stream_data.path):
+    for shard in expand_shards(stream_data.path):
         with tarfile.open(shard) as tar:
             members = [(m.name, tar.extractfile(m).read()) for m in tar]
         if any(name.startswith(key + ".") for name, _ in members):
