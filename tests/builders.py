@@ -29,6 +29,32 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 
+# Tiny students with another embedding size than the tiny teacher's 32, so the loss's
+# projection heads are used: a ViT and an open_clip ModifiedResNet (layers as a list).
+TINY_VIT = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_RESNET = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+# A student that draws from torch's global RNG while training (open_clip's patch dropout:
+# half the patches of every image dropped at random), as users set it to train faster.
+TINY_VIT_PATCH_DROPOUT = {**TINY_VIT, "vision_cfg": {**TINY_VIT["vision_cfg"], "patch_dropout": 0.5}}
+# train_student options of a run of a few steps on the CPU
+TRAIN_FAST = dict(batch_size=4, workers=0, progress=False, lr=2e-3, warmup=1)
+
+
+def write_model_config(folder: Path, name: str, config: dict) -> str:
+    """``config`` as ``folder/name.json``, an open_clip model-config file; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
 
 def make_image(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Image.Image:
     """A deterministic image with structure (gradients plus noise), converted to ``mode``."""

@@ -34,6 +34,25 @@ def tiny_clip_config(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> str:
+    """Model-config JSON of a tiny open_clip ViT student (embed_dim 24: the loss's heads project)."""
+    return builders.write_model_config(tmp_path_factory.mktemp("students"), "tiny-vit", builders.TINY_VIT)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_patch_dropout(tmp_path_factory) -> str:
+    """The tiny ViT with patch dropout: it draws from torch's RNG at every training step."""
+    return builders.write_model_config(tmp_path_factory.mktemp("students"), "tiny-vit-patch-dropout",
+                                       builders.TINY_VIT_PATCH_DROPOUT)
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet(tmp_path_factory) -> str:
+    """Model-config JSON of a tiny open_clip ModifiedResNet student (embed_dim 24)."""
+    return builders.write_model_config(tmp_path_factory.mktemp("students"), "tiny-resnet", builders.TINY_RESNET)
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """ModelSpec(config=<tiny json>, pretrained=<torch.save'd state_dict>), seed 0."""
     return builders.write_tiny_clip(tmp_path_factory.mktemp("tiny-teacher"), seed=0)

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+import builders
 from builders import run_cli
 from rdkd import checkpoints
 from rdkd.stages.train_student import train_student
 
-FAST = dict(batch_size=4, workers=0, progress=False, lr=2e-3, warmup=1)
+FAST = builders.TRAIN_FAST
 
 
 class _Payload:

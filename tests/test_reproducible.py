@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+import builders
 from rdkd.stages.evaluate import evaluate
 from rdkd.stages.train_student import train_student
 
-FAST = dict(batch_size=4, workers=0, progress=False, lr=2e-3, warmup=1)
+FAST = builders.TRAIN_FAST
 
 
 def _files(root: Path) -> dict[str, bytes]:

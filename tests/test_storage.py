@@ -38,7 +38,6 @@ from rdkd.files import atomic_write_bytes
 from rdkd.stages.extract_teacher import extract_teacher
 from test_cache import run_cli, write_cache  # noqa: F401  (fixture)
 from test_extract import REFERENCE, REFERENCE_ARGS, _files, _teacher_args, reference_cache  # noqa: F401
-from test_train import tiny_vit  # noqa: F401  (fixture)
 
 STORAGE_EXIT = 4
 TRAIN_ARGS = ["--batch-size", "4", "--workers", "0", "--no-progress", "--lr", "2e-3", "--warmup", "1"]

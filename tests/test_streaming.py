@@ -26,12 +26,6 @@ from builders import run_cli
 from rdkd import runtime
 from rdkd.streaming import ShardStream, emission_order, round_robin
 
-TINY_VIT = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-FAST = dict(workers=0, progress=False, lr=2e-3, warmup=1, log_every=1, device="cpu")
 UNDECODABLE, CAPTIONLESS = "000013", "000030"
 
 
@@ -59,13 +53,6 @@ def stream_cache(tmp_path_factory, tiny_teacher, stream_data) -> Path:
     extract_teacher(stream_data, tiny_teacher, out, views=ViewConfig(count=3), batch_size=8, workers=0,
                     storage_dtype="float32", progress=False, max_reject_fraction=0.1)
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("student") / "tiny-vit.json"
-    path.write_text(json.dumps(TINY_VIT))
-    return str(path)
 
 
 def _stream(stream_data, stream_cache, tiny_vit, batch, rank=0, world=1, workers=0, buffer=5,
@@ -375,19 +362,18 @@ stage.train_student(DataSpec({data!r}), {student!r}, "cliprd", {cache!r}, stream
 
 @pytest.mark.slow
 @pytest.mark.parametrize("feed", ["indexed", "stream"])
-def test_two_processes_killed_and_resumed_train_like_an_uninterrupted_run(feed, tmp_path, stream_data, stream_cache):
+def test_two_processes_killed_and_resumed_train_like_an_uninterrupted_run(feed, tmp_path, stream_data, stream_cache,
+                                                                          tiny_vit_patch_dropout):
     """torchrun, 2 gloo processes, a student that draws from torch's RNG every step (patch
     dropout), 22 steps straight against SIGKILLed after the step-20 checkpoint and resumed:
     the same weights, optimizer state and RNG state of each rank, to the bit. Streamed, each
     rank has 3 lanes of 6, 3 and 3 (or 2) pieces in an epoch of 11 steps: in epoch 1 the
     short lanes ran out before step 20, and rank 1's lanes (6, 3, 3) resume elsewhere than
     rank 0's (6, 3, 2) would."""
-    from test_train import TINY_VIT_PATCH_DROPOUT, assert_same_training_state
+    from test_train import assert_same_training_state
 
-    student = tmp_path / "tiny-vit-patch-dropout.json"
-    student.write_text(json.dumps(TINY_VIT_PATCH_DROPOUT))
     script = tmp_path / "run.py"
-    script.write_text(TORCHRUN_RESUME_SCRIPT.format(data=stream_data.path, student=str(student),
+    script.write_text(TORCHRUN_RESUME_SCRIPT.format(data=stream_data.path, student=tiny_vit_patch_dropout,
                                                     cache=str(stream_cache)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 

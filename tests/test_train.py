@@ -28,43 +28,7 @@ from builders import run_cli
 from rdkd.stages.train_student import train_student
 from rdkd.training import EpochBatchSampler, PairDataset, WarmupCosine, build_optimizer, sample_rng
 
-# Tiny students with another embedding size than the tiny teacher's 32, so the loss's
-# projection heads are used: a ViT and an open_clip ModifiedResNet (layers as a list).
-TINY_VIT = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_RESNET = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-# A student that draws from torch's global RNG while training (open_clip's patch dropout:
-# half the patches of every image dropped at random), as users set it to train faster.
-TINY_VIT_PATCH_DROPOUT = {**TINY_VIT, "vision_cfg": {**TINY_VIT["vision_cfg"], "patch_dropout": 0.5}}
-FAST = dict(batch_size=4, workers=0, progress=False, lr=2e-3, warmup=1, log_every=1)
-
-
-def _config(tmp_path: Path, name: str, config: dict) -> str:
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(config))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> str:
-    return _config(tmp_path_factory.mktemp("students"), "tiny-vit", TINY_VIT)
-
-
-@pytest.fixture(scope="module")
-def tiny_vit_patch_dropout(tmp_path_factory) -> str:
-    return _config(tmp_path_factory.mktemp("students"), "tiny-vit-patch-dropout", TINY_VIT_PATCH_DROPOUT)
-
-
-@pytest.fixture(scope="module")
-def tiny_resnet(tmp_path_factory) -> str:
-    return _config(tmp_path_factory.mktemp("students"), "tiny-resnet", TINY_RESNET)
+FAST = {**builders.TRAIN_FAST, "log_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +66,6 @@ def _one_error_line(err: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
-
-
-def _patch_everywhere(monkeypatch, owner, name: str, replacement) -> None:
-    """Replace ``owner.name`` and every binding of the same object that an rdkd module
-    imported before (``from owner import name``), wherever the stage's code now lives."""
-    original = getattr(owner, name)
-    monkeypatch.setattr(owner, name, replacement)
-    for module_name, module in list(sys.modules.items()):
-        if module_name.split(".")[0] == "rdkd" and getattr(module, name, None) is original:
-            monkeypatch.setattr(module, name, replacement)
 
 
 def _record_loss_calls(monkeypatch) -> list[dict]:
@@ -158,7 +112,7 @@ def _record_students(monkeypatch) -> list[dict]:
         students.append(record)
         return built
 
-    _patch_everywhere(monkeypatch, rdkd.models, "create_student", creating)
+    monkeypatch.setattr(rdkd.models, "create_student", creating)  # setup looks it up there when it runs
     return students
 
 
@@ -582,7 +536,7 @@ def _record_clipping(monkeypatch) -> list[dict]:
         return real(parameters, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils.clip_grad, "clip_grad_norm_", recording)
-    _patch_everywhere(monkeypatch, torch.nn.utils, "clip_grad_norm_", recording)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
     return calls
 
 

@@ -17,7 +17,7 @@ import torch
 
 from rdkd.runtime import HostSyncCounter
 from rdkd.stages.train_student import train_student
-from test_train import FAST, _metrics, teacher_cache, tiny_vit  # noqa: F401 (fixtures)
+from test_train import FAST, _metrics, teacher_cache  # noqa: F401 (fixture)
 
 # FAST logs every step; these tests set the interval themselves.
 QUIET = {k: v for k, v in FAST.items() if k != "log_every"}
