@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rdkd import runtime
+
 __all__ = [
     "DistInfo", "setup", "cleanup", "barrier", "is_distributed", "gather_batch",
     "all_reduce_mean",
@@ -62,7 +64,8 @@ def setup(device: str | torch.device | None = None, timeout_s: float = 1800.0) -
     """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK).
 
     Not launched by torchrun (or WORLD_SIZE=1): a single process, nothing initialised.
-    ``device`` defaults to ``cuda:LOCAL_RANK`` when CUDA is present, else CPU; the backend
+    ``device``: as :func:`rdkd.runtime.resolve_device` reads it (None or ``auto``:
+    ``cuda:LOCAL_RANK`` when CUDA is present, else CPU; refused in one line when absent); the backend
     is nccl on CUDA and gloo on CPU. Calling it again in an initialised process returns the
     same info without initialising twice.
     """
@@ -71,11 +74,7 @@ def setup(device: str | torch.device | None = None, timeout_s: float = 1800.0) -
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    device = runtime.resolve_device(device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

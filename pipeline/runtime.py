@@ -18,12 +18,14 @@
   (``.item()``, ``float(t)``, ``bool(t)``, ``nonzero``, copies to the CPU), to keep them
   out of a training step. It counts on any device, so a CPU test sees them too.
 - :func:`progress`: a rich progress display (or a silent one) shared by the stages.
+- :data:`DEFAULT_ARTIFACTS` (where outputs go by default) and :data:`PREFETCH_BUDGET_BYTES`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -35,6 +37,10 @@ from torchvision import transforms
 from rdkd.errors import SampleError, UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Where a stage writes when no output is given: artifacts/cache, students, eval.
+DEFAULT_ARTIFACTS = Path("artifacts")
+# Bytes of finished batches (or pieces) the DataLoader workers of one process may hold ready.
+PREFETCH_BUDGET_BYTES = 2 << 30
 T = TypeVar("T")
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -52,7 +52,6 @@ slot takes the batch's next decodable sample, so batch boundaries and resume do 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 

@@ -63,7 +63,6 @@ from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_csv, atomic_write_json
 
-DEFAULT_ARTIFACTS = Path("artifacts")
 RUN_INFO = "run.json"  # what rdkd train-student writes beside its export/ folder
 LABELS = "labels.json"  # the row labels this stage writes beside metrics.json
 EVALUATION_INFO = "evaluation.json"
@@ -424,7 +423,7 @@ def default_output(model=None, cache: str | Path | None = None, name: str | None
                    run_info: dict[str, Any] | None = None) -> Path:
     """``artifacts/eval/<name>/metrics.json``; the name defaults to ``<student>-<method>[-seed<N>]``
     from the run labels, else the cache folder or model name."""
-    return DEFAULT_ARTIFACTS / "eval" / (name or _default_name(model, cache, run_info)) / "metrics.json"
+    return runtime.DEFAULT_ARTIFACTS / "eval" / (name or _default_name(model, cache, run_info)) / "metrics.json"
 
 
 # --- the stage ------------------------------------------------------------------------------

@@ -73,9 +73,6 @@ from rdkd.errors import UserError
 from rdkd.files import writing
 from rdkd.models import LoadedClip, ModelSpec, load_clip
 
-DEFAULT_ARTIFACTS = Path("artifacts")
-# Finished batches the DataLoader may hold, all workers together (uint8 pixels).
-PREFETCH_BUDGET_BYTES = 2 << 30
 # Names the extraction writes into its output folder; --overwrite removes only these.
 _CACHE_ENTRIES = (fmt.MANIFEST, fmt.INDEX, fmt.REJECTS, fmt.IMAGES_DIR, fmt.TEXTS_DIR, fmt.PARTS_DIR)
 
@@ -461,7 +458,7 @@ def shard_ranges(dataset: Dataset, rows_per_shard: int) -> list[range]:
     return [range(start, min(start + rows_per_shard, n)) for start in range(0, n, rows_per_shard)]
 
 
-def default_output(data: DataSpec, teacher: ModelSpec, artifacts: Path = DEFAULT_ARTIFACTS) -> Path:
+def default_output(data: DataSpec, teacher: ModelSpec, artifacts: Path = runtime.DEFAULT_ARTIFACTS) -> Path:
     """``artifacts/cache/<teacher>_<dataset>``, both parts reduced to safe file-name characters."""
     teacher_part = teacher.name or Path(teacher.config or "teacher").stem
     if teacher.pretrained and not Path(teacher.pretrained).exists():  # a tag, not a checkpoint path
@@ -785,7 +782,7 @@ def _loader(job: _Job, ranges: list[range]) -> torch.utils.data.DataLoader:
         num_workers=config.workers,
         collate_fn=_collate,
         pin_memory=job.device.type == "cuda",
-        prefetch_factor=runtime.prefetch_factor(batch_bytes, config.workers, PREFETCH_BUDGET_BYTES),
+        prefetch_factor=runtime.prefetch_factor(batch_bytes, config.workers, runtime.PREFETCH_BUDGET_BYTES),
     )
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,13 +71,11 @@ from rdkd.training import (
 )
 
 CHECKPOINT_FORMAT = checkpoints.TRAIN_FORMAT  # tensors and plain data: loads with weights_only=True
-DEFAULT_ARTIFACTS = Path("artifacts")
 # Decode failures recorded by key in logs/skipped.jsonl (all are counted in run.json).
 MAX_SKIPPED_RECORDS = 10_000
-# DataLoader workers build local batches in pieces of at most this many bytes, and may hold
-# this many bytes of finished pieces ready, per process.
+# DataLoader workers build local batches in pieces of at most this many bytes (the finished
+# pieces they hold ready are bounded by runtime.PREFETCH_BUDGET_BYTES per process).
 PIECE_BYTES = 32 << 20
-PREFETCH_BUDGET_BYTES = 2 << 30
 # Settings that shape the trajectory: a resumed run must agree on all of them (the config's
 # and what they resolved to on this data).
 RESUME_MUST_MATCH = ("student", "method", "weights", "scale_param", "seed", "batch_size", "total_steps",
@@ -290,8 +287,7 @@ def setup(config: TrainConfig) -> Run:
 
     if config.log_every < 1:
         raise UserError("--log-every must be at least 1")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dist = distributed.setup(runtime.resolve_device(config.device, local_rank) if config.device != "auto" else None)
+    dist = distributed.setup(config.device)
     device = torch.device(dist.device)
     runtime.check_precision(config.precision, device)
     if config.batch_size % dist.world_size:
@@ -370,7 +366,7 @@ def setup(config: TrainConfig) -> Run:
         _check_resumable(resume_state, _resume_key(config, plan), resume_path)
         resume_state["path"] = resume_path
         out = out if out is not None else str(resume_path.parent.parent)
-    out_dir = Path(out) if out is not None else DEFAULT_ARTIFACTS / "students" / _run_name(config)
+    out_dir = Path(out) if out is not None else runtime.DEFAULT_ARTIFACTS / "students" / _run_name(config)
     if resume_state is None and out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"output folder {out_dir} already holds files; pass --resume to continue "
                         f"that run or choose another --out")
@@ -425,7 +421,7 @@ def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
         stream = run.pairs
         loader = stream.batches(start_step, run.plan.steps_per_epoch, pin_memory=run.device.type == "cuda",
                                 prefetch_factor=runtime.prefetch_factor(stream.piece_size * sample_bytes, workers,
-                                                                        PREFETCH_BUDGET_BYTES))
+                                                                        runtime.PREFETCH_BUDGET_BYTES))
         return loader, stream.pieces
     pieces = math.ceil(local * sample_bytes / PIECE_BYTES)
     sampler = EpochBatchSampler(len(run.pairs), local, run.config.seed, run.dist.rank, run.dist.world_size,
@@ -434,7 +430,7 @@ def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
         run.pairs, sampler=sampler, batch_size=None, num_workers=workers,
         generator=loader_generator(run.config.seed, run.dist.rank), pin_memory=run.device.type == "cuda",
         prefetch_factor=runtime.prefetch_factor(math.ceil(local / sampler.chunks) * sample_bytes, workers,
-                                                PREFETCH_BUDGET_BYTES))
+                                                runtime.PREFETCH_BUDGET_BYTES))
     return loader, sampler.chunks
 
 
