@@ -10,10 +10,11 @@ read-only, permission denied: free space or fix the folder and rerun, which resu
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
@@ -30,6 +31,31 @@ cache_app = typer.Typer(help="Inspect and check a teacher-embedding cache.", no_
 app.add_typer(cache_app, name="cache")
 checkpoint_app = typer.Typer(help="Convert train-student checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoint_app, name="checkpoint")
+
+def _options(config_cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """The options a config declares (:mod:`rdkd.options`) as typer parameters."""
+    from rdkd.options import cli_fields
+
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.annotation,
+                              default=typer.Option(f.default, *f.flags, help=f.cli.help, **f.cli.checks))
+            for f in cli_fields(config_cls) if f.name not in skip]
+
+
+def _command(name: str, *options: inspect.Parameter) -> Callable[[Callable[[dict], None]], Callable]:
+    """Register ``run(values)`` as ``rdkd <name>`` taking ``options``; ``values`` holds them
+    by name. The help is ``run``'s docstring."""
+    def register(run: Callable[[dict], None]) -> Callable:
+        def command(**values: Any) -> None:
+            run(values)
+
+        command.__signature__ = inspect.Signature(list(options))
+        command.__annotations__ = {p.name: p.annotation for p in options}
+        command.__doc__, command.__name__ = run.__doc__, run.__name__
+        app.command(name)(command)
+        return run
+
+    return register
+
 
 # How to read a dataset: the same options on every command that reads one (rdkd.data.DataSpec).
 DATA_FORMAT = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix).")
@@ -120,56 +146,22 @@ def cache_verify_command(path: Path = typer.Argument(..., help="Cache folder."))
 # --- train-student (stage two) ---------------------------------------------------------------
 
 
-@app.command("train-student")
-def train_student_command(
-    data: str = typer.Option(..., "--data", help="Dataset: CSV/TSV, webdataset shards (.tar, brace pattern) or Parquet."),
-    data_format: str = DATA_FORMAT,
-    image_column: str = IMAGE_COLUMN,
-    caption_column: str = CAPTION_COLUMN,
-    key_column: Optional[str] = KEY_COLUMN,
-    separator: str = SEPARATOR,
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Teacher-embedding cache of this dataset (rdkd extract-teacher)."),
-    student: str = typer.Option(..., "--student", help="open_clip model name or model-config JSON (e.g. pipeline/model_configs/ViT-T-16.json)."),
-    init: Optional[str] = typer.Option(None, "--init", help="Start from these weights (checkpoint path or open_clip tag); default random init."),
-    loss: str = typer.Option("cliprd", "--loss", help="Loss preset: clip, crd, fd, icl, clipkd, vrd, xrd, cliprd, distill, tinyclip."),
-    weight: Optional[List[str]] = typer.Option(None, "--weight", help="Override one term weight, TERM=VALUE (repeatable), e.g. fd=1000."),
-    scale_param: str = typer.Option("raw", "--scale-param", help="The loss's learnable scales a_I, a_T, a_X: raw (used as is, as the reference code) or exp (exp() clamped at 100, like CLIP's logit scale)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Train this many epochs (or give --steps)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Train this many optimizer steps (or give --epochs)."),
-    batch_size: int = typer.Option(256, "--batch-size", min=2, help="Global batch size (split over torchrun processes)."),
-    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Peak learning rate of AdamW."),
-    wd: float = typer.Option(0.1, "--wd", min=0.0, help="Weight decay on weight matrices (not gains, biases, scales)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Linear warm-up steps before the cosine decay (default min(10000, steps/10))."),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the global gradient norm to this value."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA only)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:N."),
-    workers: int = typer.Option(4, "--workers", min=0, help="DataLoader worker processes per rank."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data order, caption and view choices and augmentation."),
-    save_every: int = typer.Option(1000, "--save-every", min=1, help="Write a checkpoint every N steps (and at the end)."),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=1, help="Keep the newest N checkpoints."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint file or a run folder (its latest checkpoint)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default artifacts/students/<student>-<loss>-seed<seed>)."),
-    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Where the logs go (default <out>/logs): metrics.jsonl, TensorBoard events, skipped.jsonl. Outside --out, the run folder holds only what the inputs and the seed determine."),
-    verify_cache: Optional[bool] = typer.Option(None, "--verify-cache/--no-verify-cache", help="Default: check file sizes first, and each cache shard's sha256 before its rows are first used. --verify-cache: hash every file first (start-up grows with the cache). --no-verify-cache: sizes only, no checksums."),
-    log_every: int = typer.Option(50, "--log-every", min=1, help="Steps per log record: loss means, rates, data-wait and compute time, and the non-finite check (the one host-device sync of an interval)."),
-    compile_student: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the student (see BENCHMARKS.md for when it pays)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read webdataset shards in order beside their cache shards instead of indexing the dataset (no global index in memory). Default: stream webdataset data of more than 2M entries with a shard-aligned cache."),
-    shuffle_buffer: int = typer.Option(2000, "--shuffle-buffer", min=1, help="Streaming: raw samples each DataLoader worker holds to shuffle."),
-) -> None:
-    """Train a student from the cached teacher embeddings (the teacher is never run)."""
-    from rdkd.stages.train_student import train_student
+def _train_options() -> list[inspect.Parameter]:
+    from rdkd.data import DataSpec
+    from rdkd.stages.train_student import TrainConfig
 
-    spec = _data_spec(data, data_format, image_column, caption_column, key_column, separator)
+    return _options(DataSpec) + _options(TrainConfig)
+
+
+@_command("train-student", *_train_options())
+def train_student_command(values: dict) -> None:
+    """Train a student from the cached teacher embeddings (the teacher is never run)."""
+    from rdkd.data import DataSpec
+    from rdkd.options import config_values
+    from rdkd.stages.train_student import TrainConfig, train_student
+
     started = time.perf_counter()
-    summary = train_student(
-        spec, student, loss, cache, init=init, weights=weight, scale_param=scale_param, epochs=epochs, steps=steps,
-        batch_size=batch_size, lr=lr, weight_decay=wd, warmup=warmup, grad_clip=grad_clip,
-        precision=precision, device=device, workers=workers, seed=seed, save_every=save_every,
-        keep_checkpoints=keep_checkpoints, resume=resume, out=out, verify_cache=verify_cache,
-        log_every=log_every, log_dir=log_dir, compile=compile_student, progress=progress,
-        stream=stream, shuffle_buffer=shuffle_buffer,
-    )
+    summary = train_student(DataSpec(**config_values(DataSpec, values)), **config_values(TrainConfig, values))
     final = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
     print(f"trained {summary['student']} with {summary['method']} for {summary['steps']} steps "
           f"in {time.perf_counter() - started:.1f} s (final loss {final}, teacher forwards "

@@ -94,6 +94,7 @@ from PIL import Image, UnidentifiedImageError
 
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_bytes
+from rdkd.options import option
 
 FORMATS = ("auto", "csv", "webdataset", "parquet")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -140,12 +141,12 @@ class DataSpec:
     ``title``/``caption``/``text``/``txt``" present in the file.
     """
 
-    path: str
-    format: str = "auto"
-    image_column: str = "filepath"
-    caption_column: str = "title"
-    key_column: str | None = None
-    separator: str = "\t"
+    path: str = option(..., "Dataset: CSV/TSV, webdataset shards (.tar, brace pattern) or Parquet.", "--data")
+    format: str = option("auto", "csv, webdataset, parquet or auto (by suffix).", "--data-format")
+    image_column: str = option("filepath", "CSV: image path column; Parquet: image bytes column.")
+    caption_column: str = option("title", "Caption column (CSV/Parquet).")
+    key_column: str | None = option(None, "Sample key column (default: derived from the image path).")
+    separator: str = option("\t", "CSV field separator: a character, or tab / comma.")
 
     def resolved_format(self) -> str:
         """The concrete format: ``format`` itself, or the one ``auto`` infers from ``path``."""

@@ -44,7 +44,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ import torch
 from rdkd import checkpoints, distributed, runtime, streaming
 from rdkd.errors import UserError
 from rdkd.files import atomic_write
+from rdkd.options import option
 from rdkd.training import (
     EpochBatchSampler,
     ImageCfg,
@@ -83,6 +84,13 @@ RESUME_MUST_MATCH = ("student", "method", "weights", "scale_param", "seed", "bat
                      "dataset_fingerprint", "cache_fingerprint", "stream")
 
 
+def _weight_overrides(words: Sequence[str] | None) -> dict[str, float]:
+    """``--weight TERM=VALUE`` words as the weights they override."""
+    from rdkd.losses import parse_weight_overrides
+
+    return parse_weight_overrides(words or [])
+
+
 @dataclass
 class TrainConfig:
     """What a train-student run is asked to do, as the CLI (or a caller) gives it.
@@ -102,34 +110,51 @@ class TrainConfig:
     """
 
     data: Any
-    student: str
-    method: str = "cliprd"
-    cache: str | None = None
-    init: str | None = None
-    weights: dict[str, float] = field(default_factory=dict)
-    scale_param: str = "raw"
-    epochs: int | None = None
-    steps: int | None = None
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup: int | None = None
-    grad_clip: float | None = None
-    precision: str = "fp32"
-    device: str = "auto"
-    workers: int = 4
-    seed: int = 0
-    save_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 50
-    compile: bool = False
-    resume: str | None = None
-    out: str | None = None
-    log_dir: str | None = None
-    verify_cache: bool | None = None
-    progress: bool = True
-    stream: bool | None = None
-    shuffle_buffer: int = streaming.DEFAULT_SHUFFLE_BUFFER
+    student: str = option(..., "open_clip model name or model-config JSON (e.g. pipeline/model_configs/ViT-T-16.json).")
+    method: str = option("cliprd", "Loss preset: clip, crd, fd, icl, clipkd, vrd, xrd, cliprd, distill, tinyclip.",
+                         "--loss")
+    cache: str | None = option(None, "Teacher-embedding cache of this dataset (rdkd extract-teacher).")
+    init: str | None = option(None, "Start from these weights (checkpoint path or open_clip tag); default random init.")
+    weights: dict[str, float] = option(
+        ..., "Override one term weight, TERM=VALUE (repeatable), e.g. fd=1000.", "--weight", factory=dict,
+        parse=_weight_overrides, cli_type=Optional[List[str]], cli_default=None)
+    scale_param: str = option("raw", "The loss's learnable scales a_I, a_T, a_X: raw (used as is, as the reference "
+                                     "code) or exp (exp() clamped at 100, like CLIP's logit scale).")
+    epochs: int | None = option(None, "Train this many epochs (or give --steps).", min=1)
+    steps: int | None = option(None, "Train this many optimizer steps (or give --epochs).", min=1)
+    batch_size: int = option(256, "Global batch size (split over torchrun processes).", min=2)
+    lr: float = option(1e-3, "Peak learning rate of AdamW.", min=0.0)
+    weight_decay: float = option(0.1, "Weight decay on weight matrices (not gains, biases, scales).", "--wd", min=0.0)
+    warmup: int | None = option(None, "Linear warm-up steps before the cosine decay (default min(10000, steps/10)).",
+                                min=0)
+    grad_clip: float | None = option(None, "Clip the global gradient norm to this value.", min=0.0)
+    precision: str = option("fp32", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA only).")
+    device: str = option("auto", "auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:N.")
+    workers: int = option(4, "DataLoader worker processes per rank.", min=0)
+    seed: int = option(0, "Seed of the data order, caption and view choices and augmentation.")
+    save_every: int = option(1000, "Write a checkpoint every N steps (and at the end).", min=1)
+    keep_checkpoints: int = option(2, "Keep the newest N checkpoints.", min=1)
+    log_every: int = option(50, "Steps per log record: loss means, rates, data-wait and compute time, and the "
+                                "non-finite check (the one host-device sync of an interval).", min=1)
+    compile: bool = option(False, "torch.compile the student (see BENCHMARKS.md for when it pays).",
+                           "--compile/--no-compile")
+    resume: str | None = option(None, "Continue from a checkpoint file or a run folder (its latest checkpoint).")
+    out: str | None = option(None, "Run folder (default artifacts/students/<student>-<loss>-seed<seed>).",
+                             "--out", "-o")
+    log_dir: str | None = option(None, "Where the logs go (default <out>/logs): metrics.jsonl, TensorBoard events, "
+                                       "skipped.jsonl. Outside --out, the run folder holds only what the inputs "
+                                       "and the seed determine.")
+    verify_cache: bool | None = option(None, "Default: check file sizes first, and each cache shard's sha256 before "
+                                             "its rows are first used. --verify-cache: hash every file first "
+                                             "(start-up grows with the cache). --no-verify-cache: sizes only, no "
+                                             "checksums.", "--verify-cache/--no-verify-cache")
+    progress: bool = option(True, "Show a progress bar.", "--progress/--no-progress")
+    stream: bool | None = option(None, "Read webdataset shards in order beside their cache shards instead of "
+                                       "indexing the dataset (no global index in memory). Default: stream "
+                                       "webdataset data of more than 2M entries with a shard-aligned cache.",
+                                 "--stream/--no-stream")
+    shuffle_buffer: int = option(streaming.DEFAULT_SHUFFLE_BUFFER,
+                                 "Streaming: raw samples each DataLoader worker holds to shuffle.", min=1)
 
     def to_dict(self) -> dict:
         """JSON-ready, paths as given (relative paths stay relative)."""
@@ -192,22 +217,18 @@ class Progress:
     resumed_from: int | None = None
 
 
-def train_student(data: Any, student: str, loss: str = "cliprd", cache: str | Path | None = None,
+def train_student(data: Any, student: str, method: str = "cliprd", cache: str | Path | None = None,
                   **options: Any) -> dict:
     """Train one student; return the run summary (also written to ``<out>/run.json``).
 
-    ``options`` are the fields of :class:`TrainConfig`. Raises :class:`UserError` for bad
-    input before anything is written, :class:`rdkd.training.LossNotFinite` when the run
-    diverges.
+    ``options`` are the other fields of :class:`TrainConfig` (``rdkd train-student``'s
+    options, by field name). Raises :class:`UserError` for bad input before anything is
+    written, :class:`rdkd.training.LossNotFinite` when the run diverges.
     """
-    if isinstance(options.get("weights"), (list, tuple)):
-        from rdkd.losses import parse_weight_overrides
-
-        options["weights"] = parse_weight_overrides(options["weights"])
     for name in ("init", "resume", "out", "log_dir"):
         if options.get(name) is not None:
             options[name] = str(options[name])
-    config = TrainConfig(data=data, student=student, method=loss,
+    config = TrainConfig(data=data, student=student, method=method,
                          cache=str(cache) if cache is not None else None, **options)
     joined_here = not torch.distributed.is_initialized()
     log = None
