@@ -21,18 +21,33 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from rdkd.errors import UserError
+from rdkd.options import option
+
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def number_pair(text: str, option_name: str) -> tuple[float, float]:
+    """``"0.08,1.0"`` as (0.08, 1.0); one line naming ``option_name`` otherwise."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option_name} takes two numbers separated by a comma, e.g. 0.08,1.0; got {text!r}") from None
+    return low, high
 
 
 @dataclass(frozen=True)
 class ViewConfig:
     """How many views per image and how the random ones (views 1..count-1) are drawn."""
 
-    count: int = 1
-    scale: tuple[float, float] = (0.08, 1.0)
+    count: int = option(1, "Views per image: view 0 is the teacher's eval view, the rest random-resized-crop + flip.",
+                        "--views", min=1)
+    scale: tuple[float, float] = option((0.08, 1.0), "Area fraction range of the random views' crops.",
+                                        "--view-scale", parse=lambda text: number_pair(text, "--view-scale"),
+                                        cli_type=str, cli_default="0.08,1.0")
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
-    seed: int = 0
+    seed: int = option(0, "Seed of the random views (with the key and view index).", "--view-seed")
     interpolation: str = "bicubic"
 
     def to_dict(self) -> dict:

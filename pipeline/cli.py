@@ -41,6 +41,12 @@ def _options(config_cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Param
             for f in cli_fields(config_cls) if f.name not in skip]
 
 
+def _option(name: str, annotation: Any, default: Any, *flags: str, **settings: Any) -> inspect.Parameter:
+    """A command's own option (one that fills no config field)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *flags, **settings))
+
+
 def _command(name: str, *options: inspect.Parameter) -> Callable[[Callable[[dict], None]], Callable]:
     """Register ``run(values)`` as ``rdkd <name>`` taking ``options``; ``values`` holds them
     by name. The help is ``run``'s docstring."""
@@ -76,52 +82,30 @@ def _data_spec(data: str, data_format: str, image_column: str, caption_column: s
 # --- extract-teacher (stage one) ---------------------------------------------------------
 
 
-def _float_pair(text: str, option: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{option} takes two numbers separated by a comma, e.g. 0.08,1.0; got {text!r}") from None
-    return low, high
+def _extract_options() -> list[inspect.Parameter]:
+    from rdkd.data import DataSpec
+    from rdkd.stages.extract_teacher import ExtractConfig
+
+    return _options(DataSpec) + [
+        _option("model", str, ..., "--model", help="Teacher: open_clip model name (ViT-L-14), hf-hub:org/name, "
+                "local-dir:PATH or a model-config .json."),
+        _option("pretrained", Optional[str], None, "--pretrained", help="open_clip pretrained tag (openai, "
+                "laion2b_s32b_b82k) or a local checkpoint file."),
+        _option("out", Optional[Path], None, "--out", "-o", help="Cache folder (default "
+                "artifacts/cache/<teacher>_<dataset>)."),
+    ] + _options(ExtractConfig)
 
 
-@app.command("extract-teacher")
-def extract_teacher_command(
-    data: str = typer.Option(..., "--data", help="Dataset: CSV/TSV, webdataset shards (.tar, brace pattern) or Parquet."),
-    data_format: str = DATA_FORMAT,
-    image_column: str = IMAGE_COLUMN,
-    caption_column: str = CAPTION_COLUMN,
-    key_column: Optional[str] = KEY_COLUMN,
-    separator: str = SEPARATOR,
-    model: str = typer.Option(..., "--model", help="Teacher: open_clip model name (ViT-L-14), hf-hub:org/name, local-dir:PATH or a model-config .json."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag (openai, laion2b_s32b_b82k) or a local checkpoint file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache folder (default artifacts/cache/<teacher>_<dataset>)."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per teacher forward pass (per process)."),
-    workers: int = typer.Option(4, "--workers", min=0, help="DataLoader processes that read, decode and preprocess (per process)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast (fp16 on CUDA only)."),
-    storage_dtype: str = typer.Option("float16", "--storage-dtype", help="Embedding dtype on disk: float16, bfloat16 or float32."),
-    views: int = typer.Option(1, "--views", min=1, help="Views per image: view 0 is the teacher's eval view, the rest random-resized-crop + flip."),
-    view_scale: str = typer.Option("0.08,1.0", "--view-scale", help="Area fraction range of the random views' crops."),
-    view_seed: int = typer.Option(0, "--view-seed", help="Seed of the random views (with the key and view index)."),
-    rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", min=1, help="Images per cache shard (CSV/Parquet; webdataset follows its data shards)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep and skip shards an interrupted run finished."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache of another teacher, preprocessing or dataset at --out."),
-    max_reject_fraction: float = typer.Option(0.05, "--max-reject-fraction", min=0.0, max=1.0, help="Fail when more than this fraction of samples is rejected."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-) -> None:
+@_command("extract-teacher", *_extract_options())
+def extract_teacher_command(values: dict) -> None:
     """Run the teacher once over a dataset and write its embeddings to a cache (stage one)."""
-    from rdkd.cache.views import ViewConfig
+    from rdkd.data import DataSpec
     from rdkd.models import parse_model_spec
-    from rdkd.stages.extract_teacher import extract_teacher
+    from rdkd.options import config_values
+    from rdkd.stages.extract_teacher import ExtractConfig, extract_teacher
 
-    spec = _data_spec(data, data_format, image_column, caption_column, key_column, separator)
-    extract_teacher(
-        spec, parse_model_spec(model, pretrained), out, batch_size=batch_size, workers=workers, device=device,
-        precision=precision, storage_dtype=storage_dtype,
-        views=ViewConfig(count=views, scale=_float_pair(view_scale, "--view-scale"), seed=view_seed),
-        rows_per_shard=rows_per_shard, resume=resume, overwrite=overwrite,
-        max_reject_fraction=max_reject_fraction, progress=progress,
-    )
+    extract_teacher(DataSpec(**config_values(DataSpec, values)), parse_model_spec(values["model"], values["pretrained"]),
+                    values["out"], **config_values(ExtractConfig, values))
 
 
 # --- cache info / verify -------------------------------------------------------------------

@@ -55,6 +55,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,7 @@ from rdkd.data import DataSpec, Dataset, open_dataset
 from rdkd.errors import UserError
 from rdkd.files import writing
 from rdkd.models import LoadedClip, ModelSpec, load_clip
+from rdkd.options import nested, option
 
 # Names the extraction writes into its output folder; --overwrite removes only these.
 _CACHE_ENTRIES = (fmt.MANIFEST, fmt.INDEX, fmt.REJECTS, fmt.IMAGES_DIR, fmt.TEXTS_DIR, fmt.PARTS_DIR)
@@ -85,17 +87,19 @@ class ExtractConfig:
     ``rows_per_shard`` shape the cache and are recorded in its manifest; the others say how
     the work is done (the same cache comes out for any batch size, workers or device count)."""
 
-    batch_size: int = 256  # images per teacher forward, per process
-    workers: int = 4  # DataLoader processes that read, decode and render views, per process
-    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is present, else cpu
-    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast
-    storage_dtype: str = "float16"  # embedding dtype on disk
-    views: ViewConfig = ViewConfig()
-    rows_per_shard: int = 10_000  # CSV/Parquet; webdataset follows its data shards
-    resume: bool = True  # keep and skip shards an interrupted run finished
-    overwrite: bool = False  # replace a cache of another teacher, preprocessing or dataset
-    max_reject_fraction: float = 0.05
-    progress: bool = True
+    batch_size: int = option(256, "Images per teacher forward pass (per process).", min=1)
+    workers: int = option(4, "DataLoader processes that read, decode and preprocess (per process).", min=0)
+    device: str = option("auto", "auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:N.")
+    precision: str = option("fp32", "fp32, or bf16 / fp16 autocast (fp16 on CUDA only).")
+    storage_dtype: str = option("float16", "Embedding dtype on disk: float16, bfloat16 or float32.")
+    views: ViewConfig = nested(ViewConfig)
+    rows_per_shard: int = option(10_000, "Images per cache shard (CSV/Parquet; webdataset follows its data shards).",
+                                 min=1)
+    resume: bool = option(True, "Keep and skip shards an interrupted run finished.", "--resume/--no-resume")
+    overwrite: bool = option(False, "Replace a cache of another teacher, preprocessing or dataset at --out.")
+    max_reject_fraction: float = option(0.05, "Fail when more than this fraction of samples is rejected.",
+                                        min=0.0, max=1.0)
+    progress: bool = option(True, "Show a progress bar.", "--progress/--no-progress")
 
     def check(self) -> None:
         """One-line :class:`UserError` for an option out of range (the device's checks come
@@ -593,35 +597,19 @@ def _remove_stale_temporaries(root: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def extract_teacher(
-    data: DataSpec,
-    teacher: ModelSpec,
-    output: Path | str | None = None,
-    *,
-    batch_size: int = 256,
-    workers: int = 4,
-    device: str = "auto",
-    precision: str = "fp32",
-    storage_dtype: str = "float16",
-    views: ViewConfig = ViewConfig(),
-    rows_per_shard: int = 10_000,
-    resume: bool = True,
-    overwrite: bool = False,
-    max_reject_fraction: float = 0.05,
-    progress: bool = True,
-) -> ExtractSummary:
+def extract_teacher(data: DataSpec, teacher: ModelSpec, output: Path | str | None = None,
+                    **options: Any) -> ExtractSummary:
     """Run ``teacher`` over ``data`` once and write its embeddings to a cache at ``output``.
 
-    The keyword arguments are the fields of :class:`ExtractConfig`. Resumes an interrupted
-    run by default (finished shards are kept and skipped); ``overwrite`` replaces a cache of
-    another teacher/preprocessing/dataset. Raises :class:`UserError` (nothing already
-    written lost) for bad options, a missing dataset, a teacher that cannot be loaded, an
-    output that holds another cache, an unwritable output, or more rejected samples than
-    ``max_reject_fraction`` of the dataset.
+    ``options`` are the fields of :class:`ExtractConfig` (``rdkd extract-teacher``'s
+    options, by field name). Resumes an interrupted run by default (finished shards are
+    kept and skipped); ``overwrite`` replaces a cache of another teacher/preprocessing/
+    dataset. Raises :class:`UserError` (nothing already written lost) for bad options, a
+    missing dataset, a teacher that cannot be loaded, an output that holds another cache,
+    an unwritable output, or more rejected samples than ``max_reject_fraction`` of the
+    dataset.
     """
-    config = ExtractConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
-                           storage_dtype=storage_dtype, views=views, rows_per_shard=rows_per_shard, resume=resume,
-                           overwrite=overwrite, max_reject_fraction=max_reject_fraction, progress=progress)
+    config = ExtractConfig(**options)
     config.check()
     torch_device = runtime.resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     runtime.check_precision(config.precision, torch_device)
