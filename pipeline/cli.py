@@ -63,22 +63,6 @@ def _command(name: str, *options: inspect.Parameter) -> Callable[[Callable[[dict
     return register
 
 
-# How to read a dataset: the same options on every command that reads one (rdkd.data.DataSpec).
-DATA_FORMAT = typer.Option("auto", "--data-format", help="csv, webdataset, parquet or auto (by suffix).")
-IMAGE_COLUMN = typer.Option("filepath", help="CSV: image path column; Parquet: image bytes column.")
-CAPTION_COLUMN = typer.Option("title", help="Caption column (CSV/Parquet).")
-KEY_COLUMN = typer.Option(None, help="Sample key column (default: derived from the image path).")
-SEPARATOR = typer.Option("\t", help="CSV field separator: a character, or tab / comma.")
-
-
-def _data_spec(data: str, data_format: str, image_column: str, caption_column: str,
-               key_column: Optional[str], separator: str):
-    from rdkd.data import DataSpec
-
-    return DataSpec(data, format=data_format, image_column=image_column, caption_column=caption_column,
-                    key_column=key_column, separator=separator)
-
-
 # --- extract-teacher (stage one) ---------------------------------------------------------
 
 
@@ -170,54 +154,51 @@ def checkpoint_upgrade_command(
 # --- evaluate / report -----------------------------------------------------------------------
 
 
-@app.command("evaluate")
-def evaluate_command(
-    data: Optional[str] = typer.Option(None, "--data", help="Retrieval eval set: CSV/TSV, webdataset shards or Parquet (several captions per image allowed)."),
-    data_format: str = DATA_FORMAT,
-    image_column: str = IMAGE_COLUMN,
-    caption_column: str = CAPTION_COLUMN,
-    key_column: Optional[str] = KEY_COLUMN,
-    separator: str = SEPARATOR,
-    model: Optional[str] = typer.Option(None, "--model", help="Model to score: open_clip name, hf-hub:org/name, a student export folder (local-dir:), or a model-config JSON."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or checkpoint path for --model."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Score a teacher cache's own rows instead of a model (no recomputation)."),
-    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Teacher cache of the eval set: adds geometry-fidelity metrics."),
-    zeroshot: Optional[List[str]] = typer.Option(None, "--zeroshot", help="Zero-shot task (repeatable): NAME=PATH[;classnames=imagenet|FILE|a,b,c][;templates=openai|simple|FILE|t1{}|t2{}][;label_column=label][;image_column=filepath]. PATH: image-folder tree or CSV."),
-    index_factory: Optional[str] = typer.Option(None, "--index-factory", help="FAISS factory string for very large galleries (e.g. IVF4096,Flat, HNSW32): approximate, no ranks. Default: exact IndexFlatIP."),
-    search_params: Optional[str] = typer.Option(None, "--search-params", help="FAISS search parameters for --index-factory, e.g. nprobe=64 or efSearch=128."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Encoding batch size."),
-    workers: int = typer.Option(4, "--workers", min=0, help="DataLoader worker processes for image decoding."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast of the model's forward (fp16 on CUDA only)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the fidelity similarity sample."),
-    fidelity_sample: int = typer.Option(2000, "--fidelity-sample", min=3, help="Items sampled for the Spearman fidelity correlations."),
-    per_class: bool = typer.Option(False, "--per-class", help="Also write zero-shot per-class top-1 accuracy CSVs."),
-    ranks: bool = typer.Option(True, "--ranks/--no-ranks", help="Exact mean/median rank (a second gallery scan for queries missed in the top K)."),
-    method: Optional[str] = typer.Option(None, "--method", help="Run label for rdkd report (default: from the student's run.json)."),
-    student: Optional[str] = typer.Option(None, "--student", help="Run label for rdkd report (default: from run.json or the model name)."),
-    run_seed: Optional[int] = typer.Option(None, "--run-seed", help="Training seed label for rdkd report (default: from run.json)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Output folder name under artifacts/eval/ (when --out is not given)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Metrics JSON path (default artifacts/eval/<name>/metrics.json)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
-) -> None:
-    """Score a model or a cache: FAISS retrieval R@1/5/10, zero-shot accuracy, geometry fidelity."""
-    from rdkd.models import parse_model_spec
-    from rdkd.stages.evaluate import ZeroShotTask, default_output, evaluate
+def _evaluate_options() -> list[inspect.Parameter]:
+    from rdkd.data import DataSpec
+    from rdkd.stages.evaluate import EvalConfig
 
-    if model is None and pretrained is not None:
+    return [
+        _option("data", Optional[str], None, "--data", help="Retrieval eval set: CSV/TSV, webdataset shards or "
+                "Parquet (several captions per image allowed)."),
+        *_options(DataSpec, skip=("path",)),
+        _option("model", Optional[str], None, "--model", help="Model to score: open_clip name, hf-hub:org/name, a "
+                "student export folder (local-dir:), or a model-config JSON."),
+        _option("pretrained", Optional[str], None, "--pretrained", help="open_clip pretrained tag or checkpoint "
+                "path for --model."),
+        *_options(EvalConfig),
+        _option("method", Optional[str], None, "--method", help="Run label for rdkd report (default: from the "
+                "student's run.json)."),
+        _option("student", Optional[str], None, "--student", help="Run label for rdkd report (default: from "
+                "run.json or the model name)."),
+        _option("run_seed", Optional[int], None, "--run-seed", help="Training seed label for rdkd report (default: "
+                "from run.json)."),
+        _option("name", Optional[str], None, "--name", help="Output folder name under artifacts/eval/ (when --out "
+                "is not given)."),
+        _option("out", Optional[Path], None, "--out", "-o", help="Metrics JSON path (default "
+                "artifacts/eval/<name>/metrics.json)."),
+    ]
+
+
+@_command("evaluate", *_evaluate_options())
+def evaluate_command(values: dict) -> None:
+    """Score a model or a cache: FAISS retrieval R@1/5/10, zero-shot accuracy, geometry fidelity."""
+    from rdkd.data import DataSpec
+    from rdkd.models import parse_model_spec
+    from rdkd.options import config_values
+    from rdkd.stages.evaluate import EvalConfig, default_output, evaluate
+
+    if values["model"] is None and values["pretrained"] is not None:
         raise UserError("--pretrained needs --model")
-    spec = parse_model_spec(model, pretrained) if model is not None else None
-    data_spec = _data_spec(data, data_format, image_column, caption_column, key_column, separator) if data else None
-    tasks = [ZeroShotTask.parse(t) for t in zeroshot or []]
-    run_info = {"method": method, "student": student, "seed": run_seed}
-    target = out or (default_output(spec, cache, name, run_info) if (spec is not None) != (cache is not None) else None)
+    spec = parse_model_spec(values["model"], values["pretrained"]) if values["model"] is not None else None
+    data = DataSpec(**{**config_values(DataSpec, values), "path": values["data"]}) if values["data"] else None
+    run_info = {"method": values["method"], "student": values["student"], "seed": values["run_seed"]}
+    cache = values["cache"]
+    target = values["out"] or (default_output(spec, cache, values["name"], run_info)
+                               if (spec is not None) != (cache is not None) else None)
     started = time.perf_counter()
-    results = evaluate(
-        target, data=data_spec, model=spec, cache=cache, teacher_cache=teacher_cache, zeroshot=tasks,
-        index_factory=index_factory, search_params=search_params, batch_size=batch_size, workers=workers,
-        device=device, precision=precision, seed=seed, fidelity_sample=fidelity_sample,
-        per_class=per_class, ranks=ranks, run_info=run_info, progress=progress,
-    )
+    results = evaluate(target, **{**config_values(EvalConfig, values), "data": data, "model": spec,
+                                  "run_info": run_info})
     shown = {k: v for k, v in results.items() if k.endswith(("_r1", "/top1", "knn10_img", "cka_img"))}
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in shown.items())
                + f" -> {target} (in {time.perf_counter() - started:.1f} s)")

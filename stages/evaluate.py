@@ -51,7 +51,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -62,6 +62,7 @@ from rdkd import runtime
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_csv, atomic_write_json
+from rdkd.options import option
 
 RUN_INFO = "run.json"  # what rdkd train-student writes beside its export/ folder
 LABELS = "labels.json"  # the row labels this stage writes beside metrics.json
@@ -99,16 +100,16 @@ class ZeroShotTask:
         """``NAME=PATH[;classnames=...][;templates=...][;image_column=...][;label_column=...]``
         (``PATH`` alone names the task after the folder or file). A folder ``PATH`` holding
         ``classnames.txt`` or ``templates.txt`` supplies the option it does not name."""
-        head, *options = [part.strip() for part in text.split(";")]
+        head, *settings = [part.strip() for part in text.split(";")]
         name, sep, path = head.partition("=")
         if not sep:
             name, path = Path(head.rstrip("/")).stem, head
         fields: dict[str, Any] = {"name": name.strip(), "path": path.strip()}
         allowed = {"classnames", "templates", "image_column", "label_column"}
-        for option in options:
-            key, sep, value = option.partition("=")
+        for setting in settings:
+            key, sep, value = setting.partition("=")
             if not sep or key.strip() not in allowed:
-                raise UserError(f"zero-shot task {text!r}: unknown option {option!r} (allowed: {', '.join(sorted(allowed))})")
+                raise UserError(f"zero-shot task {text!r}: unknown option {setting!r} (allowed: {', '.join(sorted(allowed))})")
             fields[key.strip()] = value.strip()
         if not fields["name"] or not fields["path"]:
             raise UserError(f"zero-shot task {text!r}: expected NAME=PATH")
@@ -429,121 +430,190 @@ def default_output(model=None, cache: str | Path | None = None, name: str | None
 # --- the stage ------------------------------------------------------------------------------
 
 
-def evaluate(
-    out: str | Path | None = None,
-    data: DataSpec | None = None,
-    model=None,
-    cache: str | Path | None = None,
-    teacher_cache: str | Path | None = None,
-    zeroshot: Sequence[ZeroShotTask] = (),
-    index_factory: str | None = None,
-    search_params: str | None = None,
-    ks: Sequence[int] = M.DEFAULT_KS,
-    batch_size: int = 256,
-    workers: int = 4,
-    device: str | None = None,
-    seed: int = 0,
-    fidelity_k: int = 10,
-    fidelity_sample: int = 2000,
-    per_class: bool = False,
-    ranks: bool = True,
-    run_info: dict[str, Any] | None = None,
-    precision: str = "fp32",
-    progress: bool = True,
-) -> dict[str, float]:
-    """Score ``model`` (a :class:`rdkd.models.ModelSpec`) or ``cache``; return and write the metrics.
+def _zero_shot_tasks(texts: Sequence[str] | None) -> list[ZeroShotTask]:
+    return [ZeroShotTask.parse(text) for text in texts or []]
 
-    See the module docstring for what is measured and written. ``out`` defaults to
-    ``artifacts/eval/<name>/metrics.json``. ``ranks=False`` skips mean/median rank, whose
-    exact count scans the gallery again for every query whose match is not in its top K.
-    ``precision``: fp32, or bf16/fp16 autocast of the model's forward (fp16 needs CUDA).
+
+@dataclass
+class EvalConfig:
+    """What an evaluation is asked to do: ``rdkd evaluate``'s options (by field name) and
+    the model, data and labels the command builds; recorded in ``evaluation.json``.
+    ``model`` a :class:`rdkd.models.ModelSpec`, or ``cache`` a cache folder to score;
+    ``run_info`` the run's labels (``method``, ``student``, ``seed``) where they are given."""
+
+    data: DataSpec | None = None
+    model: Any = None
+    cache: str | None = option(None, "Score a teacher cache's own rows instead of a model (no recomputation).")
+    teacher_cache: str | None = option(None, "Teacher cache of the eval set: adds geometry-fidelity metrics.")
+    zeroshot: list[ZeroShotTask] = option(
+        ..., "Zero-shot task (repeatable): NAME=PATH[;classnames=imagenet|FILE|a,b,c]"
+        "[;templates=openai|simple|FILE|t1{}|t2{}][;label_column=label][;image_column=filepath]. "
+        "PATH: image-folder tree or CSV.", factory=list, parse=_zero_shot_tasks, cli_type=Optional[List[str]],
+        cli_default=None)
+    index_factory: str | None = option(None, "FAISS factory string for very large galleries (e.g. IVF4096,Flat, "
+                                             "HNSW32): approximate, no ranks. Default: exact IndexFlatIP.")
+    search_params: str | None = option(None, "FAISS search parameters for --index-factory, e.g. nprobe=64 or "
+                                             "efSearch=128.")
+    ks: tuple[int, ...] = M.DEFAULT_KS
+    batch_size: int = option(256, "Encoding batch size.", min=1)
+    workers: int = option(4, "DataLoader worker processes for image decoding.", min=0)
+    device: str = option("auto", "auto (cuda if present), cpu, cuda, cuda:N.")
+    precision: str = option("fp32", "fp32, or bf16 / fp16 autocast of the model's forward (fp16 on CUDA only).")
+    seed: int = option(0, "Seed of the fidelity similarity sample.")
+    fidelity_k: int = 10
+    fidelity_sample: int = option(2000, "Items sampled for the Spearman fidelity correlations.", min=3)
+    per_class: bool = option(False, "Also write zero-shot per-class top-1 accuracy CSVs.")
+    ranks: bool = option(True, "Exact mean/median rank (a second gallery scan for queries missed in the top K).",
+                         "--ranks/--no-ranks")
+    run_info: dict[str, Any] | None = None
+    progress: bool = option(True, "Show progress bars.", "--progress/--no-progress")
+
+    def check(self) -> None:
+        """One line for options that cannot go together (before anything is opened)."""
+        if (self.model is None) == (self.cache is None):
+            raise UserError("evaluate needs exactly one of a model or --cache")
+        if self.data is None and self.cache is None and not self.zeroshot:
+            raise UserError("nothing to evaluate: give an eval dataset (--data) and/or zero-shot tasks (--zeroshot)")
+        if self.cache is not None and self.zeroshot:
+            raise UserError("zero-shot classification needs a model (a cache has no text encoder for class prompts)")
+        if self.teacher_cache is not None and self.data is None:
+            raise UserError("--teacher-cache needs the eval dataset (--data) it was extracted from")
+        if any(k < 1 for k in self.ks):
+            raise UserError("recall cut-offs K must be positive")
+        if len({t.name for t in self.zeroshot}) != len(self.zeroshot):
+            raise UserError("zero-shot task names must be distinct")
+
+
+@dataclass
+class _Inputs:
+    """What an evaluation reads, opened and checked before any encoding."""
+
+    device: torch.device
+    faiss_gpu: bool
+    dataset: Any
+    scored_cache: Any
+    teacher: Any
+    zero_shot_sets: list
+    loaded: Any
+    encoder: Any
+
+    @property
+    def dim(self) -> int:
+        return self.loaded.embed_dim if self.loaded is not None else self.scored_cache.dim
+
+
+def evaluate(out: str | Path | None = None, **options: Any) -> dict[str, float]:
+    """Score a model or a cache; return and write the metrics.
+
+    ``options`` are the fields of :class:`EvalConfig`. See the module docstring for what is
+    measured and written. ``out`` defaults to ``artifacts/eval/<name>/metrics.json``.
+    ``ranks=False`` skips mean/median rank, whose exact count scans the gallery again for
+    every query whose match is not in its top K.
     """
-    if (model is None) == (cache is None):
-        raise UserError("evaluate needs exactly one of a model or --cache")
-    if data is None and cache is None and not zeroshot:
-        raise UserError("nothing to evaluate: give an eval dataset (--data) and/or zero-shot tasks (--zeroshot)")
-    if cache is not None and zeroshot:
-        raise UserError("zero-shot classification needs a model (a cache has no text encoder for class prompts)")
-    if teacher_cache is not None and data is None:
-        raise UserError("--teacher-cache needs the eval dataset (--data) it was extracted from")
-    if any(k < 1 for k in ks):
-        raise UserError("recall cut-offs K must be positive")
-    out = Path(out) if out is not None else default_output(model, cache, run_info=run_info)
-    dev = runtime.resolve_device(device)
-    runtime.check_precision(precision, dev)
-    faiss_gpu = dev.type == "cuda" and faiss.get_num_gpus() > 0
+    config = EvalConfig(**options)
+    for name in ("cache", "teacher_cache"):
+        if getattr(config, name) is not None:
+            setattr(config, name, str(getattr(config, name)))
+    config.check()
+    out = Path(out) if out is not None else default_output(config.model, config.cache, run_info=config.run_info)
+    inputs = _open_inputs(config)
+    results, per_class_tables, skipped = _score(config, inputs)
+    info = _evaluation_info(config, inputs)
+    if skipped is not None:
+        info["skipped"] = skipped
+    run = _run_labels(config.model, inputs.scored_cache, config.run_info, inputs.dim)
+    results = {name: M.as_written(value) for name, value in results.items()}
+    atomic_write_json(out, results)
+    atomic_write_json(out.parent / EVALUATION_INFO, info)
+    atomic_write_json(out.parent / LABELS, run)
+    if config.per_class:
+        for name, rows in per_class_tables.items():
+            atomic_write_csv(out.parent / f"zeroshot_{name}_per_class.csv", ["class", "top1"], rows)
+    return results
 
-    # Everything that can be wrong with the input is checked before any encoding.
-    dataset = open_dataset(data) if data is not None else None
-    scored_cache = _open_cache_for(cache, dataset, "cache") if cache is not None else None
-    teacher = _open_cache_for(teacher_cache, dataset, "teacher cache") if teacher_cache is not None else None
-    zero_shot_sets = [_open_zero_shot(task) for task in zeroshot]
-    if len({t.name for t in zeroshot}) != len(zeroshot):
-        raise UserError("zero-shot task names must be distinct")
+
+def _open_inputs(config: EvalConfig) -> _Inputs:
+    """Everything that can be wrong with the input, checked before any encoding."""
+    dev = runtime.resolve_device(config.device)
+    runtime.check_precision(config.precision, dev)
+    dataset = open_dataset(config.data) if config.data is not None else None
+    scored_cache = _open_cache_for(config.cache, dataset, "cache") if config.cache is not None else None
+    teacher = (_open_cache_for(config.teacher_cache, dataset, "teacher cache")
+               if config.teacher_cache is not None else None)
+    zero_shot_sets = [_open_zero_shot(task) for task in config.zeroshot]
     loaded = encoder = None
-    if model is not None:
+    if config.model is not None:
         from rdkd.models import load_clip
 
-        loaded = load_clip(model, device=dev)
-        encoder = _Encoder(loaded, dev, precision, batch_size, workers, progress)
-    dim = loaded.embed_dim if loaded is not None else scored_cache.dim
-    if index_factory:
-        M.check_index_factory(index_factory, dim)
+        loaded = load_clip(config.model, device=dev)
+        encoder = _Encoder(loaded, dev, config.precision, config.batch_size, config.workers, config.progress)
+    inputs = _Inputs(dev, dev.type == "cuda" and faiss.get_num_gpus() > 0, dataset, scored_cache, teacher,
+                     zero_shot_sets, loaded, encoder)
+    if config.index_factory:
+        M.check_index_factory(config.index_factory, inputs.dim)
+    return inputs
 
-    results: dict[str, float] = {}
-    info: dict[str, Any] = {
+
+def _evaluation_info(config: EvalConfig, inputs: _Inputs) -> dict[str, Any]:
+    """What was scored and how (``evaluation.json``): no timings, the same bytes every run."""
+    model, loaded, data = config.model, inputs.loaded, config.data
+    return {
         "model": model.to_dict() if model is not None else None,
         "model_info": {k: v for k, v in loaded.info.items() if k != "model_config"} if loaded else None,
-        "cache": str(cache) if cache is not None else None,
+        "cache": config.cache,
         "data": asdict(data) if data is not None else None,
-        "dataset_fingerprint": dataset.fingerprint if dataset is not None else None,
-        "teacher_cache": str(teacher_cache) if teacher_cache is not None else None,
-        "teacher_cache_id": teacher.cache_id if teacher is not None else None,
-        "index_factory": index_factory or "Flat", "search_params": search_params,
-        "device": str(dev), "precision": precision, "faiss_gpu": faiss_gpu, "seed": seed, "ks": list(ks),
+        "dataset_fingerprint": inputs.dataset.fingerprint if inputs.dataset is not None else None,
+        "teacher_cache": config.teacher_cache,
+        "teacher_cache_id": inputs.teacher.cache_id if inputs.teacher is not None else None,
+        "index_factory": config.index_factory or "Flat", "search_params": config.search_params,
+        "device": str(inputs.device), "precision": config.precision, "faiss_gpu": inputs.faiss_gpu,
+        "seed": config.seed, "ks": list(config.ks),
     }
-    per_class_tables: dict[str, list[tuple[str, float]]] = {}
-    if dataset is not None or scored_cache is not None:
-        if scored_cache is not None:  # without a dataset: every image of the cache
-            scored = _from_cache(scored_cache, dataset.keys if dataset is not None else None)
+
+
+def _score(config: EvalConfig, inputs: _Inputs) -> tuple[dict[str, float], dict[str, list], list | None]:
+    """(metrics, zero-shot per-class tables, skipped samples of the retrieval set or None)."""
+    results: dict[str, float] = {}
+    skipped = None
+    if inputs.dataset is not None or inputs.scored_cache is not None:
+        if inputs.scored_cache is not None:  # without a dataset: every image of the cache
+            keys = inputs.dataset.keys if inputs.dataset is not None else None
+            scored = _from_cache(inputs.scored_cache, keys)
         else:
-            scored = _encode_eval_set(encoder, dataset)
-        info["skipped"] = scored.skipped
+            scored = _encode_eval_set(inputs.encoder, inputs.dataset)
+        skipped = scored.skipped
         queries = len(np.unique(scored.text_image)) + len(scored.texts)
-        with runtime.progress(progress, "retrieval", queries) as advance:
+        with runtime.progress(config.progress, "retrieval", queries) as advance:
             retrieval = M.retrieval_metrics(
-                scored.images, scored.texts, scored.text_image, ks=ks, index_factory=index_factory,
-                use_gpu=faiss_gpu, search_params=search_params, with_ranks=ranks, device=dev, progress=advance,
+                scored.images, scored.texts, scored.text_image, ks=config.ks, index_factory=config.index_factory,
+                use_gpu=inputs.faiss_gpu, search_params=config.search_params, with_ranks=config.ranks,
+                device=inputs.device, progress=advance,
             )
         results.update({f"retrieval/{k}": v for k, v in retrieval.items()})
         results["retrieval/images"] = float(len(scored.images))
         results["retrieval/captions"] = float(len(scored.texts))
         results["retrieval/skipped"] = float(len(scored.skipped))
-        if teacher is not None:
-            reference = _from_cache(teacher, scored.keys)
-            rows = {key: r for r, key in enumerate(scored.keys)}
-            student = scored.subset(np.asarray([rows[k] for k in reference.keys], np.int64))
-            if not np.array_equal(student.text_image, reference.text_image):
-                raise UserError(f"teacher cache {teacher_cache} holds other captions than the eval set")
-            fidelity = M.fidelity_metrics(student.images, student.texts, reference.images, reference.texts,
-                                          reference.text_image, k=fidelity_k, sample_size=fidelity_sample,
-                                          seed=seed, use_gpu=faiss_gpu)
-            results.update({f"fidelity/{k}": v for k, v in fidelity.items()})
-            results["fidelity/images"] = float(len(reference.keys))
-    for zs in zero_shot_sets:
-        zs_metrics, per_class_acc = _zero_shot(encoder, zs)
+        if inputs.teacher is not None:
+            results.update(_fidelity(config, inputs, scored))
+    per_class_tables: dict[str, list[tuple[str, float]]] = {}
+    for zs in inputs.zero_shot_sets:
+        zs_metrics, per_class_acc = _zero_shot(inputs.encoder, zs)
         results.update({f"zeroshot/{zs.task.name}/{k}": v for k, v in zs_metrics.items()})
         per_class_tables[zs.task.name] = list(zip(zs.classnames, per_class_acc.tolist()))
+    return results, per_class_tables, skipped
 
-    run = _run_labels(model, scored_cache, run_info, dim)
-    results = {name: M.as_written(value) for name, value in results.items()}
-    atomic_write_json(out, results)
-    atomic_write_json(out.parent / EVALUATION_INFO, info)
-    atomic_write_json(out.parent / LABELS, run)
-    if per_class:
-        for name, rows in per_class_tables.items():
-            atomic_write_csv(out.parent / f"zeroshot_{name}_per_class.csv", ["class", "top1"], rows)
-    return results
+
+def _fidelity(config: EvalConfig, inputs: _Inputs, scored: "EvalEmbeddings") -> dict[str, float]:
+    """Fidelity of the scored embeddings to the teacher cache's rows of the same items."""
+    reference = _from_cache(inputs.teacher, scored.keys)
+    rows = {key: r for r, key in enumerate(scored.keys)}
+    student = scored.subset(np.asarray([rows[k] for k in reference.keys], np.int64))
+    if not np.array_equal(student.text_image, reference.text_image):
+        raise UserError(f"teacher cache {config.teacher_cache} holds other captions than the eval set")
+    fidelity = M.fidelity_metrics(student.images, student.texts, reference.images, reference.texts,
+                                  reference.text_image, k=config.fidelity_k, sample_size=config.fidelity_sample,
+                                  seed=config.seed, use_gpu=inputs.faiss_gpu)
+    return {**{f"fidelity/{k}": v for k, v in fidelity.items()}, "fidelity/images": float(len(reference.keys))}
 
 
 def _encode_eval_set(encoder: _Encoder, dataset) -> EvalEmbeddings:
