@@ -41,7 +41,7 @@ import shutil
 import tarfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -286,59 +286,21 @@ def _check_destination(out: Path, description: dict, overwrite: bool) -> bool:
     raise UserError(f"{out} holds a demo world with other settings; pass --overwrite to replace it")
 
 
-def demo_data(
-    out: Path | str = Path("artifacts/demo/data"),
-    profile: str = "demo",
-    *,
-    seed: int | None = None,
-    image_size: int | None = None,
-    pretrain: int | None = None,
-    train: int | None = None,
-    test: int | None = None,
-    test_captions: int | None = None,
-    zeroshot_tasks: Sequence[str] | None = None,
-    zeroshot_per_class: int | None = None,
-    min_objects: int | None = None,
-    max_objects: int | None = None,
-    relations: bool | None = None,
-    noise: float | None = None,
-    pretrain_format: str | None = None,
-    train_format: str | None = None,
-    test_format: str | None = None,
-    shard_size: int | None = None,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
+def demo_data(out: Path | str = Path("artifacts/demo/data"), profile: str = "demo", *, workers: int | None = None,
+              overwrite: bool = False, progress: bool = True, **world: Any) -> dict:
     """Generate the demo world into ``out``; return its description (``world.json``).
 
     A fresh generation adds ``seconds`` (wall time) to the returned dict; world.json itself
     holds nothing that varies between runs.
 
-    ``profile`` (``demo`` or ``quick``) sets every size; each other option left at ``None``
-    keeps the profile's value. ``workers`` processes render in parallel (default: the CPU
-    count, at most 8); the bytes written do not depend on it. When ``out`` already holds the
-    same world nothing is done; a different one is replaced only with ``overwrite``.
+    ``profile`` (``demo`` or ``quick``) sets every size; ``world`` overrides fields of
+    :class:`rdkd.stages.demo_world.WorldConfig` (``seed``, ``image_size``, split sizes,
+    formats, ...; ``None`` keeps the profile's value). ``workers`` processes render in
+    parallel (default: the CPU count, at most 8); the bytes written do not depend on it.
+    When ``out`` already holds the same world nothing is done; a different one is replaced
+    only with ``overwrite``.
     """
-    cfg = resolve_config(
-        profile,
-        seed=seed,
-        image_size=image_size,
-        pretrain=pretrain,
-        train=train,
-        test=test,
-        test_captions=test_captions,
-        zeroshot_tasks=zeroshot_tasks,
-        zeroshot_per_class=zeroshot_per_class,
-        min_objects=min_objects,
-        max_objects=max_objects,
-        relations=relations,
-        noise=noise,
-        pretrain_format=pretrain_format,
-        train_format=train_format,
-        test_format=test_format,
-        shard_size=shard_size,
-    )
+    cfg = resolve_config(profile, **world)
     out = Path(out)
     description = _world_description(cfg, profile)
     if _check_destination(out, description, overwrite):
