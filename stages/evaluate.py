@@ -62,10 +62,9 @@ from rdkd import runtime
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_csv, atomic_write_json
+from rdkd.labels import LABELS_FILE, RUN_FILE, RunLabels
 from rdkd.options import option
 
-RUN_INFO = "run.json"  # what rdkd train-student writes beside its export/ folder
-LABELS = "labels.json"  # the row labels this stage writes beside metrics.json
 EVALUATION_INFO = "evaluation.json"
 _WNID = re.compile(r"^n\d{8}$")
 
@@ -382,8 +381,9 @@ def _open_cache_for(path: str | Path, dataset, role: str):
 # --- run info -------------------------------------------------------------------------------
 
 
-def _discover_run_info(spec) -> dict[str, Any] | None:
-    """The ``run.json`` of a ``rdkd train-student`` run whose export ``spec`` points into."""
+def _discover_run_info(spec) -> RunLabels | None:
+    """The labels in the ``run.json`` of a ``rdkd train-student`` run whose export ``spec``
+    points into; None when there is none (or it is no train-student run's)."""
     candidates = [spec.config, spec.pretrained]
     if spec.name and spec.name.startswith("local-dir:"):
         candidates.append(spec.name[len("local-dir:"):])
@@ -393,18 +393,19 @@ def _discover_run_info(spec) -> dict[str, Any] | None:
             continue
         folder = path if path.is_dir() else path.parent
         for place in (folder, folder.parent):
-            info = place / RUN_INFO
+            info = place / RUN_FILE
             if info.is_file():
                 try:
-                    return json.loads(info.read_text(encoding="utf-8"))
-                except ValueError:
+                    return RunLabels.read(info)
+                except UserError:
                     return None
     return None
 
 
 def _default_name(model, cache, run_info: dict[str, Any] | None = None) -> str:
-    info = {} if cache is not None else dict(_discover_run_info(model) or {})
-    info.update({k: v for k, v in (run_info or {}).items() if v is not None})
+    found = _discover_run_info(model) if cache is None else None
+    info = {**(found.to_dict() if found is not None else {}),
+            **{k: v for k, v in (run_info or {}).items() if v is not None}}
     if info.get("method") and info.get("student"):
         name = f"{info['student']}-{info['method']}" + (f"-seed{info['seed']}" if info.get("seed") is not None else "")
     else:
@@ -525,7 +526,7 @@ def evaluate(out: str | Path | None = None, **options: Any) -> dict[str, float]:
     results = {name: M.as_written(value) for name, value in results.items()}
     atomic_write_json(out, results)
     atomic_write_json(out.parent / EVALUATION_INFO, info)
-    atomic_write_json(out.parent / LABELS, run)
+    atomic_write_json(out.parent / LABELS_FILE, run.to_dict())
     if config.per_class:
         for name, rows in per_class_tables.items():
             atomic_write_csv(out.parent / f"zeroshot_{name}_per_class.csv", ["class", "top1"], rows)
@@ -646,17 +647,16 @@ def _zero_shot(encoder: _Encoder, zs: _ZeroShotSet) -> tuple[dict[str, float], n
     return result, per_class
 
 
-def _run_labels(model, cache, run_info: dict[str, Any] | None, embed_dim: int) -> dict[str, Any]:
+def _run_labels(model, cache, run_info: dict[str, Any] | None, embed_dim: int) -> RunLabels:
+    """A cache is labelled as its teacher; a model by its training run's run.json, else as
+    an open_clip model; labels the command gives win."""
     if cache is not None:
         teacher = cache.manifest.get("teacher", {})
         spec = teacher.get("spec") if isinstance(teacher, dict) else None
         name = (spec or {}).get("name") or (spec or {}).get("config") or "teacher"
-        base = {"method": "teacher", "student": str(name), "seed": None, "teacher_forwards": None}
+        labels = RunLabels(method="teacher", student=str(name))
     else:
-        found = _discover_run_info(model) or {}
-        base = {"method": found.get("method", "open_clip"), "student": found.get("student", _model_label(model)),
-                "seed": found.get("seed"), "teacher_forwards": found.get("teacher_forwards")}
-    base.update({k: v for k, v in (run_info or {}).items() if v is not None})
-    return {**base, "embed_dim": int(embed_dim)}
+        labels = _discover_run_info(model) or RunLabels(method="open_clip", student=_model_label(model))
+    return labels.given(**(run_info or {}), embed_dim=int(embed_dim))
 
 

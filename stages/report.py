@@ -2,9 +2,9 @@
 
 Input: ``metrics.json`` files written by ``rdkd evaluate`` (files, folders searched
 recursively, or glob patterns). Each run is labelled by the ``labels.json`` beside its
-metrics file, ``{"method", "student", "seed", "teacher_forwards", "embed_dim"}`` (``rdkd
-evaluate`` writes it, with the labels of the ``rdkd train-student`` run it scored, from that
-run's ``run.json``; a ``run.json`` there instead is read the same way). A metrics file
+metrics file (:class:`rdkd.labels.RunLabels`: ``method``, ``student``, ``seed``,
+``teacher_forwards``, ``embed_dim``), which ``rdkd evaluate`` writes with the labels of the
+``rdkd train-student`` run it scored. A metrics file
 without one is labelled by its path: a folder named ``seed<N>`` (or ``seed-<N>``,
 ``seed_<N>``) gives the seed and the two folders above it the student and the method
 (``.../<method>/<student>/seed<N>/metrics.json``); otherwise the method is the metrics
@@ -54,6 +54,7 @@ from typing import Any, Sequence
 
 from rdkd.errors import UserError
 from rdkd.files import atomic_write, atomic_write_csv, atomic_write_text
+from rdkd.labels import LABELS_FILE, RunLabels
 from rdkd.metrics import as_written
 
 DEFAULT_OUT = Path("artifacts/report")
@@ -66,7 +67,6 @@ _BOOKKEEPING = re.compile(r"/(images|captions|skipped|approximate)$")
 _SECTIONS = (("retrieval", "Retrieval"), ("zeroshot", "Zero-shot classification"), ("fidelity", "Geometry fidelity"))
 _SEED_DIR = re.compile(r"^seed[-_]?(\d+)$")
 # The labels file rdkd evaluate writes beside metrics.json, then its earlier name (still read).
-LABEL_FILES = ("labels.json", "run.json")
 # Headline metrics in the order they are shown: (pattern, family, label template).
 _HEADLINE = (
     (re.compile(r"^retrieval/i2t_r1$"), "retrieval", "i2t R@1"),
@@ -168,24 +168,16 @@ def _find_metrics_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 def run_labels(metrics_file: Path) -> dict[str, Any]:
     """``method``, ``student``, ``seed``, ``teacher_forwards``, ``embed_dim`` of one run (see
-    the module docstring; the last two are None when unknown)."""
-    info_file = next((metrics_file.parent / name for name in LABEL_FILES if (metrics_file.parent / name).is_file()),
-                     None)
-    if info_file is not None:
-        try:
-            info = json.loads(info_file.read_text(encoding="utf-8"))
-        except ValueError:
-            raise UserError(f"{info_file} is not valid JSON") from None
-        return {"method": str(info.get("method", "-")), "student": str(info.get("student", "-")),
-                "seed": info.get("seed"), "teacher_forwards": info.get("teacher_forwards"),
-                "embed_dim": info.get("embed_dim")}
-    unknown = {"teacher_forwards": None, "embed_dim": None}
+    the module docstring; None where unknown)."""
+    labels_file = metrics_file.parent / LABELS_FILE
+    if labels_file.is_file():
+        return RunLabels.read(labels_file).to_dict()
     parts = metrics_file.parent.parts
     for i in range(len(parts) - 1, 1, -1):
         match = _SEED_DIR.match(parts[i])
         if match:
-            return {"method": parts[i - 2], "student": parts[i - 1], "seed": int(match.group(1)), **unknown}
-    return {"method": metrics_file.parent.name, "student": "-", "seed": None, **unknown}
+            return RunLabels(method=parts[i - 2], student=parts[i - 1], seed=int(match.group(1))).to_dict()
+    return RunLabels(method=metrics_file.parent.name, student="-").to_dict()
 
 
 def _load_metrics(path: Path) -> dict[str, float]:

@@ -52,6 +52,7 @@ import torch
 from rdkd import checkpoints, distributed, runtime, streaming
 from rdkd.errors import UserError
 from rdkd.files import atomic_write
+from rdkd.labels import RUN_FILE, RunLabels
 from rdkd.options import option
 from rdkd.training import (
     EpochBatchSampler,
@@ -560,9 +561,11 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
     last = _last_record(run.log_dir) if run.dist.is_main else {}
     summary = {
         **config.to_dict(), **asdict(plan),
-        "method": config.method, "student": _student_label(config.student), "student_spec": config.student,
+        **RunLabels(method=config.method, student=_student_label(config.student), seed=config.seed,
+                    teacher_forwards=teacher_forwards, embed_dim=plan.embed_dim).to_dict(),
+        "student_spec": config.student,
         "steps": plan.total_steps, "epochs": plan.total_steps / plan.steps_per_epoch,
-        "global_batch": config.batch_size, "skipped": progress.skipped, "teacher_forwards": teacher_forwards,
+        "global_batch": config.batch_size, "skipped": progress.skipped,
         "final_loss": last.get("loss"),
         "final_losses": {k[5:]: v for k, v in last.items() if k.startswith("loss/")},
         "resumed_from_step": progress.resumed_from,
@@ -576,7 +579,7 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
         text = "".join(json.dumps(r) + "\n" for r in all_records)
         atomic_write(run.log_dir / "skipped.jsonl", lambda tmp: Path(tmp).write_text(text))
         export_clip(run.model, run.model_config, run.out_dir / "export")
-        atomic_write(run.out_dir / "run.json",
+        atomic_write(run.out_dir / RUN_FILE,
                      lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     distributed.barrier()
     return summary

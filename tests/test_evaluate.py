@@ -249,7 +249,7 @@ def _write_run(root: Path, method: str, student: str, seed: int | None, values: 
     root.mkdir(parents=True, exist_ok=True)
     (root / "metrics.json").write_text(json.dumps(values))
     if with_info:
-        (root / "run.json").write_text(json.dumps({"method": method, "student": student, "seed": seed}))
+        (root / "labels.json").write_text(json.dumps({"method": method, "student": student, "seed": seed}))
 
 
 def test_report_mean_std_over_seeds(tmp_path):
@@ -279,14 +279,14 @@ def test_report_mean_std_over_seeds(tmp_path):
         assert len(list(csv.DictReader(f))) == 5
 
 
-def test_report_reads_labels_json_and_still_the_older_run_json(tmp_path):
-    _write_run(tmp_path / "old", "vrd", "tiny", 1, {"retrieval/i2t_r1": 0.5})  # labels under the old name
-    new = tmp_path / "new"
-    new.mkdir()
-    (new / "metrics.json").write_text(json.dumps({"retrieval/i2t_r1": 0.7}))
-    (new / "labels.json").write_text(json.dumps({"method": "vrd", "student": "tiny", "seed": 2}))
+def test_report_labels_a_run_by_its_labels_json_and_refuses_a_broken_one(tmp_path, capsys):
+    _write_run(tmp_path / "a", "vrd", "tiny", 1, {"retrieval/i2t_r1": 0.5})
+    _write_run(tmp_path / "b", "vrd", "tiny", 2, {"retrieval/i2t_r1": 0.7})
     result = report([str(tmp_path)], tmp_path / "report")
     assert [(g["method"], g["student"], g["seeds"]) for g in result["groups"]] == [("vrd", "tiny", [1, 2])]
+    (tmp_path / "b" / "labels.json").write_text(json.dumps({"seed": 2}))
+    code, err = run_cli(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r2")], capsys)
+    assert code == 2 and "holds no run labels" in err and len(err.strip().splitlines()) == 1
 
 
 def test_report_without_inputs_is_a_user_error(tmp_path):

@@ -19,7 +19,7 @@ VIT = {0: (0.02, 0.14, 0.15), 1: (0.01, 0.12, 0.14), 2: (0.03, 0.16, 0.15)}
 def _write_run(root: Path, labels: dict, metrics: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "metrics.json").write_text(json.dumps(metrics))
-    (root / "run.json").write_text(json.dumps(labels))
+    (root / "labels.json").write_text(json.dumps(labels))
 
 
 def _demo_runs(root: Path) -> None:
