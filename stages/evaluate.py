@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -114,10 +113,10 @@ class ZeroShotTask:
             raise UserError(f"zero-shot task {text!r}: expected NAME=PATH")
         folder = Path(fields["path"])
         if folder.is_dir():  # a task folder may carry its own lists (as rdkd demo-data writes them)
-            for option in ("classnames", "templates"):
-                listed = folder / f"{option}.txt"
-                if option not in fields and listed.is_file():
-                    fields[option] = str(listed)
+            for listing in ("classnames", "templates"):
+                listed = folder / f"{listing}.txt"
+                if listing not in fields and listed.is_file():
+                    fields[listing] = str(listed)
         return cls(**fields)
 
 
