@@ -3,8 +3,9 @@
 The student sees the very views the teacher embedded (replayed from the cache's crop boxes
 at the student's own size) and one caption per image per step, and is trained with a
 CLIP-RD loss preset over the global batch. The teacher is never loaded or run: its
-embeddings come from the cache; global forward hooks count calls of open_clip modules
-outside the student and the loss, reported as ``teacher_forwards`` (zero).
+embeddings come from the cache; :class:`rdkd.training.TeacherForwardCounter` counts calls
+of open_clip modules outside the student and the loss, reported as ``teacher_forwards``
+(zero).
 
 Read it top to bottom: :class:`TrainConfig` (what the user asked; recorded in every
 checkpoint and in run.json), :func:`setup` (data, cache, student, loss, optimizer: a
