@@ -73,6 +73,7 @@ def extract_teacher_command(
     views: int = typer.Option(1, "--views", min=1, help="Views per image: view 0 is the teacher's eval view, the rest random-resized-crop + flip."),
     view_scale: str = typer.Option("0.08,1.0", "--view-scale", help="Area fraction range of the random views' crops."),
     view_seed: int = typer.Option(0, "--view-seed", help="Seed of the random views (with the key and view index)."),
+    preprocess: str = typer.Option("exact", "--preprocess", help="How images become pixels: exact (open_clip's transforms on the full decode) or fast (JPEGs decoded at reduced size, one crop-resize per view); recorded in the cache, followed by students."),
     rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", min=1, help="Images per cache shard (CSV/Parquet; webdataset follows its data shards)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep and skip shards an interrupted run finished."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache of another teacher, preprocessing or dataset at --out."),
@@ -89,7 +90,7 @@ def extract_teacher_command(
         spec, parse_model_spec(model, pretrained), out, batch_size=batch_size, workers=workers, device=device,
         precision=precision, storage_dtype=storage_dtype,
         views=ViewConfig(count=views, scale=_float_pair(view_scale, "--view-scale"), seed=view_seed),
-        rows_per_shard=rows_per_shard, resume=resume, overwrite=overwrite,
+        preprocess=preprocess, rows_per_shard=rows_per_shard, resume=resume, overwrite=overwrite,
         max_reject_fraction=max_reject_fraction, progress=progress,
     )
 

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from rdkd import checkpoints
+from rdkd import checkpoints, pixels
 from rdkd.errors import Diverged, SampleError, UserError
 from rdkd.files import atomic_write
 from rdkd.runtime import uint8_transform
@@ -96,8 +96,9 @@ class PairBuilder:
     (caption, then view or crop), ``index`` being the sample's dataset entry. View 0 of a
     cache is the teacher's open_clip eval view; the student's own eval transform shows the
     same region when both resize the same way, so it replays it exactly (at the student's
-    size). Other views: the recorded crop box and flip. Without a cache: open_clip's train
-    transform with CLIP-KD's crop scale.
+    size). Other views: the recorded crop box and flip. Both are made the cache's way
+    (:class:`rdkd.pixels.ViewRenderer`, ``exact`` or ``fast`` as its manifest says). Without a
+    cache: open_clip's train transform with CLIP-KD's crop scale.
     """
 
     def __init__(self, tokenizer: Callable, image_cfg: ImageCfg, seed: int, cache: Any = None,
@@ -108,17 +109,18 @@ class PairBuilder:
         self.cache = cache
         self._eval_view0 = cache is not None and (
             cache.manifest.get("preprocess", {}).get("resize_mode") or "shortest") == image_cfg.resize_mode
-        # Built lazily (and per worker): open_clip's train and eval transforms with the
-        # student's size, mean and std (train: CLIP-KD's crop scale).
+        # the cache's way of making pixels (exact without a cache: open_clip's train transform)
+        self.preprocess = pixels.mode_of(cache.manifest) if cache is not None else pixels.DEFAULT_MODE
+        # Built lazily (and per worker): open_clip's train transform (CLIP-KD's crop scale)
+        # and the view renderer, with the student's size, mean and std.
         self._crop_scale = crop_scale
         self._augment = None
-        self._eval = None
-        self._to_uint8 = None
+        self._renderer = None
 
     def __getstate__(self) -> dict:
         """Picklable for spawn/forkserver DataLoader workers: the memory-mapped cache is
         reopened from its folder in the worker, the transforms are rebuilt there."""
-        state = dict(self.__dict__, _augment=None, _eval=None, _to_uint8=None)
+        state = dict(self.__dict__, _augment=None, _renderer=None)
         if self.cache is not None:
             state["cache"] = None
             state["_cache_root"] = str(self.cache.root)
@@ -132,19 +134,30 @@ class PairBuilder:
 
             self.cache = TeacherCache.open(root)
 
+    @property
+    def renderer(self) -> pixels.ViewRenderer:
+        """The student's eval view and the cache's views at the student's size, made the cache's way."""
+        if self._renderer is None:
+            import open_clip
+
+            cfg = self.image_cfg
+            eval_transform = open_clip.image_transform(cfg.size, is_train=False, mean=cfg.mean, std=cfg.std,
+                                                       interpolation=cfg.interpolation, resize_mode=cfg.resize_mode)
+            self._renderer = pixels.ViewRenderer(eval_transform, cfg.size, cfg.interpolation, cfg.resize_mode,
+                                                 self.preprocess)
+        return self._renderer
+
     def sample(self, epoch: int, index: int, captions: Sequence[str], image_bytes: bytes,
                rows: tuple[int, int, int] | None = None) -> dict:
         """One sample: uint8 image, tokens, ``index``, cache rows (-1 without a cache).
         ``rows``: (first image row, view rows, first caption row) of the sample in the
         cache. Raises :class:`SampleError` when the image does not decode."""
-        from rdkd.cache.views import render_view
         from rdkd.data import decode_image
 
         rng = sample_rng(self.seed, epoch, index)
         caption_choice = int(rng.integers(len(captions)))
-        image = decode_image(image_bytes)
         if rows is None:
-            pixels = self._augmented(image, int(rng.integers(2**63 - 1)))
+            image_pixels = self._augmented(decode_image(image_bytes), int(rng.integers(2**63 - 1)))
             image_row = text_row = -1
         else:
             start, count, text_start = rows
@@ -152,13 +165,12 @@ class PairBuilder:
             image_row = int(start + view)
             text_row = int(text_start + caption_choice)
             if view == 0 and self._eval_view0:
-                pixels = self._evaluated(image)
+                image_pixels = self.renderer.eval_pixels(image_bytes)
             else:
                 box, flip = self.cache.view_params(np.asarray([image_row], dtype=np.int64))
-                pixels = self._uint8(render_view(image, box[0].tolist(), bool(flip[0]),
-                                                 self.image_cfg.size, self.image_cfg.interpolation))
+                image_pixels = self.renderer.view_pixels(image_bytes, (box[0].tolist(), bool(flip[0])))
         text = self.tokenizer([captions[caption_choice]])[0]
-        return {"image": pixels, "text": text, "index": index,
+        return {"image": image_pixels, "text": text, "index": index,
                 "image_row": image_row, "text_row": text_row}
 
     def collate(self, samples: Sequence[dict], skipped: list[tuple[str, str]]) -> dict:
@@ -194,24 +206,6 @@ class PairBuilder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
             return self._augment(image)
-
-    def _evaluated(self, image: Image.Image) -> torch.Tensor:
-        """open_clip's eval transform (up to uint8) at the student's size."""
-        if self._eval is None:
-            import open_clip
-
-            cfg = self.image_cfg
-            self._eval = uint8_transform(open_clip.image_transform(
-                cfg.size, is_train=False, mean=cfg.mean, std=cfg.std,
-                interpolation=cfg.interpolation, resize_mode=cfg.resize_mode))
-        return self._eval(image)
-
-    def _uint8(self, view: Image.Image) -> torch.Tensor:
-        if self._to_uint8 is None:
-            from torchvision import transforms
-
-            self._to_uint8 = transforms.PILToTensor()
-        return self._to_uint8(view)
 
 
 class PairDataset(torch.utils.data.Dataset):

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from rdkd import metrics as M
-from rdkd import runtime
+from rdkd import pixels, runtime
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_csv, atomic_write_json
@@ -267,8 +267,8 @@ class _DecodedImages(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        pixels, reason = runtime.decode_or_reason(partial(self.source.read_image_bytes, i), self.to_pixels)
-        return i, pixels, reason
+        image, reason = runtime.decode_or_reason(partial(self.source.read_image_bytes, i), self.to_pixels)
+        return i, image, reason
 
 
 def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
@@ -283,10 +283,10 @@ class _Encoder:
     device until a pass ends (no wait on the device per batch)."""
 
     def __init__(self, loaded, device: torch.device, precision: str, batch_size: int, workers: int,
-                 show_progress: bool):
+                 show_progress: bool, preprocess: str = pixels.DEFAULT_MODE):
         self.loaded, self.device, self.precision = loaded, device, precision
         self.batch_size, self.workers, self.show_progress = batch_size, workers, show_progress
-        self.to_pixels = runtime.uint8_transform(loaded.preprocess)
+        self.renderer = pixels.ViewRenderer.of_model(loaded.preprocess, loaded.preprocess_cfg, preprocess)
         self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
 
     @contextlib.contextmanager
@@ -298,7 +298,7 @@ class _Encoder:
     def images(self, source: Any, description: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """(embeddings of the readable images, their entry indices, (entry, reason) of the others)."""
         loader = torch.utils.data.DataLoader(
-            _DecodedImages(source, self.to_pixels), batch_size=self.batch_size, num_workers=self.workers,
+            _DecodedImages(source, self.renderer.eval_pixels), batch_size=self.batch_size, num_workers=self.workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda",
         )
         chunks, kept, bad = [], [], []
@@ -401,6 +401,14 @@ def _discover_run_info(spec) -> dict[str, Any] | None:
     return None
 
 
+def _preprocess_of(spec, teacher) -> str:
+    """How a model's images become pixels here: the teacher cache's way when one is given,
+    else that of the cache the student was trained from (its ``run.json``), else exact."""
+    if teacher is not None:
+        return pixels.mode_of(teacher.manifest)
+    return pixels.mode_of(_discover_run_info(spec) or {})
+
+
 def _default_name(model, cache, run_info: dict[str, Any] | None = None) -> str:
     info = {} if cache is not None else dict(_discover_run_info(model) or {})
     info.update({k: v for k, v in (run_info or {}).items() if v is not None})
@@ -485,7 +493,8 @@ def evaluate(
         from rdkd.models import load_clip
 
         loaded = load_clip(model, device=dev)
-        encoder = _Encoder(loaded, dev, precision, batch_size, workers, progress)
+        preprocess = _preprocess_of(model, teacher)
+        encoder = _Encoder(loaded, dev, precision, batch_size, workers, progress, preprocess)
     dim = loaded.embed_dim if loaded is not None else scored_cache.dim
     if index_factory:
         M.check_index_factory(index_factory, dim)
@@ -502,6 +511,8 @@ def evaluate(
         "index_factory": index_factory or "Flat", "search_params": search_params,
         "device": str(dev), "precision": precision, "faiss_gpu": faiss_gpu, "seed": seed, "ks": list(ks),
     }
+    if encoder is not None and encoder.renderer.mode != "exact":  # absent means exact: older files keep their bytes
+        info[pixels.MANIFEST_FIELD] = encoder.renderer.mode
     per_class_tables: dict[str, list[tuple[str, float]]] = {}
     if dataset is not None or scored_cache is not None:
         if scored_cache is not None:  # without a dataset: every image of the cache

@@ -59,15 +59,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from PIL import Image
 from rich.console import Console
 
 import rdkd
-from rdkd import distributed, runtime
+from rdkd import distributed, pixels, runtime
 from rdkd.cache import format as fmt
 from rdkd.cache import writer
-from rdkd.cache.views import ViewConfig, eval_view_box, random_view, render_view, view_rng
+from rdkd.cache.views import ViewConfig, random_view, view_rng
 from rdkd.data import DataSpec, Dataset, open_dataset
 from rdkd.errors import UserError
 from rdkd.models import LoadedClip, ModelSpec, load_clip
@@ -83,8 +81,8 @@ console = Console(stderr=True)
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """How one extraction runs. ``precision``, ``storage_dtype``, ``views`` and
-    ``rows_per_shard`` shape the cache and are recorded in its manifest; the others say how
+    """How one extraction runs. ``precision``, ``storage_dtype``, ``views``, ``preprocess``
+    and ``rows_per_shard`` shape the cache and are recorded in its manifest; the others say how
     the work is done (the same cache comes out for any batch size, workers or device count)."""
 
     batch_size: int = 256  # images per teacher forward, per process
@@ -93,6 +91,7 @@ class ExtractConfig:
     precision: str = "fp32"  # fp32, or bf16 / fp16 autocast
     storage_dtype: str = "float16"  # embedding dtype on disk
     views: ViewConfig = ViewConfig()
+    preprocess: str = pixels.DEFAULT_MODE  # exact or fast: how images become pixels (rdkd.pixels)
     rows_per_shard: int = 10_000  # CSV/Parquet; webdataset follows its data shards
     resume: bool = True  # keep and skip shards an interrupted run finished
     overwrite: bool = False  # replace a cache of another teacher, preprocessing or dataset
@@ -111,6 +110,7 @@ class ExtractConfig:
         if self.storage_dtype not in fmt.STORAGE_DTYPES:
             raise UserError(f"unknown storage dtype {self.storage_dtype!r}; "
                             f"expected one of {', '.join(fmt.STORAGE_DTYPES)}")
+        pixels.check_mode(self.preprocess)
         if self.views.count < 1:
             raise UserError("--views must be at least 1")
         if not 0 < self.views.scale[0] <= self.views.scale[1] <= 1:
@@ -185,17 +185,17 @@ class TeacherInputs(torch.utils.data.Dataset):
     reject reason. Runs in DataLoader workers: reading, decoding, rendering views and
     tokenising happen there, off the main process that feeds the teacher.
 
-    View 0 is the teacher's own eval transform stopped before its float conversion
-    (:func:`rdkd.runtime.uint8_transform`); views 1..K-1 are rendered from their recorded
-    crop box and flip (:func:`rdkd.cache.views.render_view`), the pixels a student replays.
+    View 0 is the teacher's eval view, views 1..K-1 random crops drawn from the image's
+    size; all are rendered by one :class:`rdkd.pixels.ViewRenderer` in the cache's
+    preprocessing (``exact``: view 0 is open_clip's eval transform stopped before its float
+    conversion), the pixels a student replays.
     """
 
-    def __init__(self, dataset: Dataset, loaded: LoadedClip, views: ViewConfig):
+    def __init__(self, dataset: Dataset, loaded: LoadedClip, views: ViewConfig, preprocess: str = pixels.DEFAULT_MODE):
         self.dataset = dataset
-        self.eval_view = runtime.uint8_transform(loaded.preprocess)
+        self.renderer = pixels.ViewRenderer(loaded.preprocess, loaded.preprocess_cfg["size"], views.interpolation,
+                                            loaded.preprocess_cfg.get("resize_mode", "shortest"), preprocess)
         self.tokenizer = loaded.tokenizer
-        self.size = loaded.preprocess_cfg["size"]
-        self.resize_mode = loaded.preprocess_cfg.get("resize_mode", "shortest")
         self.views = views
 
     def __len__(self) -> int:
@@ -211,17 +211,13 @@ class TeacherInputs(torch.utils.data.Dataset):
         captions = list(self.dataset.captions(i))
         return _Item(i, key, pixels, crops, flips, captions, self.tokenizer(captions))
 
-    def render(self, key: str, image: Image.Image) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def render(self, key: str, data: bytes) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """The K views of one image: uint8 pixels [K, 3, H, W], crop boxes [K, 4], flips [K]."""
-        pixels = [self.eval_view(image)]
-        crops = [eval_view_box(image.width, image.height, self.size, self.resize_mode)]
-        flips = [False]
-        for view in range(1, self.views.count):
-            box, flip = random_view(image.width, image.height, view_rng(key, view, self.views.seed), self.views)
-            pixels.append(TF.pil_to_tensor(render_view(image, box, flip, self.size, self.views.interpolation)))
-            crops.append(box)
-            flips.append(flip)
-        return torch.stack(pixels), np.array(crops, dtype=np.float32), np.array(flips, dtype=bool)
+        def views(width: int, height: int) -> list:
+            return [None] + [random_view(width, height, view_rng(key, view, self.views.seed), self.views)
+                             for view in range(1, self.views.count)]
+
+        return self.renderer.render(data, views)
 
 
 def _collate(items: Sequence[_Item]) -> _Batch:
@@ -490,8 +486,12 @@ def _cache_header(loaded: LoadedClip, dataset: Dataset, data: DataSpec, ranges: 
         "dataset_fingerprint": dataset.fingerprint,
         "shards": [[r.start, r.stop] for r in ranges],
     }
+    # exact is recorded by the field's absence: caches made before the choice existed keep their id and bytes
+    preprocess = {} if config.preprocess == "exact" else {pixels.MANIFEST_FIELD: config.preprocess}
+    identity.update(preprocess)
     cache_id = hashlib.sha256(fmt.canonical_json(identity)).hexdigest()[:32]
     return {
+        **preprocess,
         "cache_id": cache_id,
         "rdkd_version": rdkd.__version__,
         "teacher": {
@@ -605,6 +605,7 @@ def extract_teacher(
     precision: str = "fp32",
     storage_dtype: str = "float16",
     views: ViewConfig = ViewConfig(),
+    preprocess: str = pixels.DEFAULT_MODE,
     rows_per_shard: int = 10_000,
     resume: bool = True,
     overwrite: bool = False,
@@ -621,7 +622,8 @@ def extract_teacher(
     ``max_reject_fraction`` of the dataset.
     """
     config = ExtractConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
-                           storage_dtype=storage_dtype, views=views, rows_per_shard=rows_per_shard, resume=resume,
+                           storage_dtype=storage_dtype, views=views, preprocess=preprocess,
+                           rows_per_shard=rows_per_shard, resume=resume,
                            overwrite=overwrite, max_reject_fraction=max_reject_fraction, progress=progress)
     config.check()
     torch_device = runtime.resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -778,7 +780,7 @@ def _loader(job: _Job, ranges: list[range]) -> torch.utils.data.DataLoader:
     height, width = (cfg["size"], cfg["size"]) if isinstance(cfg["size"], int) else cfg["size"]
     batch_bytes = config.batch_size * config.views.count * 3 * height * width
     return torch.utils.data.DataLoader(
-        TeacherInputs(job.dataset, job.loaded, config.views),
+        TeacherInputs(job.dataset, job.loaded, config.views, config.preprocess),
         batch_sampler=_ShardBatches(ranges, config.batch_size),
         num_workers=config.workers,
         collate_fn=_collate,

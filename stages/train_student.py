@@ -50,7 +50,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from rdkd import checkpoints, distributed, runtime, streaming
+from rdkd import checkpoints, distributed, pixels, runtime, streaming
 from rdkd.errors import UserError
 from rdkd.files import atomic_write
 from rdkd.training import (
@@ -554,6 +554,9 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
         "checkpoint": str(progress.last_checkpoint) if progress.last_checkpoint else None,
         "export": str(run.out_dir / "export"),
     }
+    preprocess = run.pairs.builder.preprocess
+    if preprocess != "exact":  # recorded for evaluate; absent means exact, as in a cache
+        summary[pixels.MANIFEST_FIELD] = preprocess
     all_records = [r for rank in _gather_objects(progress.skipped_records, run.dist) for r in rank]
     if run.dist.is_main:
         from rdkd.models import export_clip

@@ -1,0 +1,139 @@
+"""How an image's bytes become a model's uint8 input: the one place extraction, a student's
+replay of cached views and evaluation make pixels.
+
+A *view* is a crop box in original-image pixels and a horizontal flip (see
+:mod:`rdkd.cache.views`); ``None`` stands for the model's eval view. :class:`ViewRenderer`
+turns bytes and views into uint8 CHW tensors at the model's input size, in one of two ways,
+which a cache records in its manifest (``image_preprocess``; a manifest without it is
+``exact``) and every user of that cache follows:
+
+- ``exact``: the whole image is decoded; the eval view is open_clip's own eval transform
+  (resize, centre-crop or pad), other views :func:`rdkd.cache.views.render_view` (crop,
+  PIL's antialiased filter, flip). What caches were before the choice existed, byte for byte.
+- ``fast``: a JPEG is decoded at reduced size with libjpeg's DCT scaling (PIL's ``draft``:
+  1/2, 1/4 or 1/8 of each side), the largest reduction that still leaves every requested box
+  at least the output size, and the boxes are divided by the same factor (DCT pixel i
+  covers original pixels [i*s, (i+1)*s)). Every view, the eval view included (its box is
+  :func:`rdkd.cache.views.eval_view_box`), is then cropped and resized in one PIL call with
+  ``reducing_gap`` (:data:`REDUCING_GAP`). Other formats are decoded whole. Its distance to
+  ``exact`` is measured, not assumed: ``python bench/photos.py fidelity`` (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from rdkd.errors import UserError
+
+MODES = ("exact", "fast")
+DEFAULT_MODE = "exact"
+MANIFEST_FIELD = "image_preprocess"
+# Pillow's reducing_gap for the fast path: a box reduction first when the view shrinks by
+# 3x or more; Pillow documents 3.0 as indistinguishable from the full filter in most cases.
+REDUCING_GAP = 3.0
+# libjpeg's DCT scaling factors that PIL's draft offers.
+_DCT_SCALES = (8, 4, 2)
+
+Box = Sequence[float]
+View = tuple[Box, bool] | None  # (crop box in original pixels, flip); None: the model's eval view
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else a one-line :class:`UserError`."""
+    if mode not in MODES:
+        raise UserError(f"unknown image preprocessing {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
+def mode_of(manifest: dict) -> str:
+    """The preprocessing a cache was made with: its manifest's field, ``exact`` without it."""
+    return check_mode(manifest.get(MANIFEST_FIELD, "exact"))
+
+
+def dct_scale(width: int, height: int, boxes: Sequence[Box], size: tuple[int, int]) -> int:
+    """The largest DCT reduction (1, 2, 4 or 8) that leaves every box at least ``size``
+    (height, width) pixels in the reduced image."""
+    out_h, out_w = size
+    room = min(min((b[2] - b[0]) / out_w, (b[3] - b[1]) / out_h) for b in boxes)
+    room = min(room, width, height)  # a 1-pixel image cannot shrink
+    return next((s for s in _DCT_SCALES if room >= s), 1)
+
+
+class ViewRenderer:
+    """The uint8 views of images at one model's input size, made the ``exact`` or the
+    ``fast`` way (the module docstring). ``eval_transform``: the model's open_clip eval
+    transform (``ToTensor`` + ``Normalize`` at the end are dropped here; normalise on the
+    device with :class:`rdkd.runtime.DeviceNormalize`)."""
+
+    def __init__(self, eval_transform: transforms.Compose, size, interpolation: str = "bicubic",
+                 resize_mode: str = "shortest", mode: str = DEFAULT_MODE):
+        from rdkd.runtime import uint8_transform
+
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.interpolation = interpolation
+        self.resize_mode = resize_mode
+        self.mode = check_mode(mode)
+        self._eval = uint8_transform(eval_transform)
+
+    @classmethod
+    def of_model(cls, preprocess: transforms.Compose, preprocess_cfg: dict, mode: str = DEFAULT_MODE
+                 ) -> "ViewRenderer":
+        """From a loaded open_clip model's eval transform and its ``preprocess_cfg``."""
+        return cls(preprocess, preprocess_cfg["size"], preprocess_cfg.get("interpolation") or "bicubic",
+                   preprocess_cfg.get("resize_mode") or "shortest", mode)
+
+    def eval_box(self, width: int, height: int) -> tuple[float, ...]:
+        """The region of a ``width`` x ``height`` image the eval view shows."""
+        from rdkd.cache.views import eval_view_box
+
+        return eval_view_box(width, height, self.size, self.resize_mode)
+
+    def render(self, data: bytes, views: Callable[[int, int], Sequence[View]]
+               ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Decode ``data`` once and render the views ``views(width, height)`` asks for (it
+        sees the original size from the header, before any pixel is decoded): uint8
+        [K, 3, H, W], their boxes in original pixels [K, 4] float32 (the eval view's
+        filled in), flips [K]. Raises :class:`rdkd.errors.SampleError` for bytes that do
+        not decode."""
+        from rdkd.cache.views import render_view
+        from rdkd.data import load_image, open_image
+
+        image = open_image(data)
+        width, height = image.size
+        wanted = list(views(width, height))
+        boxes = [self.eval_box(width, height) if v is None else tuple(float(x) for x in v[0]) for v in wanted]
+        flips = [False if v is None else bool(v[1]) for v in wanted]
+        scale = 1
+        if self.mode == "fast" and image.format == "JPEG":
+            scale = dct_scale(width, height, boxes, self.size)
+            if scale > 1:
+                # Pillow rounds the reduced size up: ceil(width / scale) x ceil(height / scale)
+                image.draft(None, (width // scale, height // scale))
+        image = load_image(image)
+        pixels = []
+        for view, box, flip in zip(wanted, boxes, flips):
+            if view is None and self.mode == "exact":
+                pixels.append(self._eval(image))
+                continue
+            reduced = [x / scale for x in box]
+            gap = REDUCING_GAP if self.mode == "fast" else None
+            pixels.append(transforms.functional.pil_to_tensor(
+                render_view(image, reduced, flip, self.size, self.interpolation, reducing_gap=gap)))
+        return torch.stack(pixels), np.array(boxes, dtype=np.float32), np.array(flips, dtype=bool)
+
+    def eval_pixels(self, data: bytes) -> torch.Tensor:
+        """The eval view of one image, uint8 [3, H, W] (what evaluation encodes)."""
+        return self.render(data, _eval_only)[0][0]
+
+    def view_pixels(self, data: bytes, view: View) -> torch.Tensor:
+        """One view of one image, uint8 [3, H, W] (a student's replay of a cached view)."""
+        return self.render(data, lambda width, height: (view,))[0][0]
+
+
+def _eval_only(width: int, height: int) -> tuple[View]:
+    return (None,)
