@@ -104,21 +104,16 @@ def random_view(width: int, height: int, rng: np.random.Generator, config: ViewC
     return box, flip
 
 
-def render_view(image: Image.Image, box, flip: bool, size, interpolation: str = "bicubic",
-                reducing_gap: float | None = None) -> Image.Image:
-    """The pixels of a recorded view: crop ``box`` of ``image``, resize to ``size``, flip.
-    ``reducing_gap``: Pillow's, a box reduction by an integer factor before the filter when
-    the view shrinks by more than that (rdkd's ``fast`` preprocessing); None resizes with
-    the filter alone, what the teacher of an ``exact`` cache saw."""
+def render_view(image: Image.Image, box, flip: bool, size, interpolation: str = "bicubic") -> Image.Image:
+    """The pixels of a recorded view: crop ``box`` of ``image``, resize to ``size``, flip."""
     out_h, out_w = _as_hw(size)
     left, top, right, bottom = (float(v) for v in box)
     resample = _RESAMPLE[interpolation]
     if left >= 0 and top >= 0 and right <= image.width and bottom <= image.height:
-        view = image.resize((out_w, out_h), resample=resample, box=(left, top, right, bottom),
-                            reducing_gap=reducing_gap)
+        view = image.resize((out_w, out_h), resample=resample, box=(left, top, right, bottom))
     else:  # the box reaches outside the image: pad with black as open_clip's eval transform does
         padded = image.crop((math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)))
-        view = padded.resize((out_w, out_h), resample=resample, reducing_gap=reducing_gap)
+        view = padded.resize((out_w, out_h), resample=resample)
     if flip:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return view

@@ -14,9 +14,11 @@ which a cache records in its manifest (``image_preprocess``; a manifest without 
   1/2, 1/4 or 1/8 of each side), the largest reduction that still leaves every requested box
   at least the output size, and the boxes are divided by the same factor (DCT pixel i
   covers original pixels [i*s, (i+1)*s)). Every view, the eval view included (its box is
-  :func:`rdkd.cache.views.eval_view_box`), is then cropped and resized in one PIL call with
-  ``reducing_gap`` (:data:`REDUCING_GAP`). Other formats are decoded whole. Its distance to
-  ``exact`` is measured, not assumed: ``python bench/photos.py fidelity`` (BENCHMARKS.md).
+  :func:`rdkd.cache.views.eval_view_box`), is then :func:`crop_resize`: the box rounded to
+  whole pixels of the decoded image, torch's antialiased :data:`FAST_FILTER`, the flip.
+  Other formats are decoded whole. :class:`DeviceDecoder` (``--decode device``) makes the
+  same views from a full decode on the GPU. The distance to ``exact`` is measured, not
+  assumed: ``python bench/photos.py fidelity`` (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from rdkd.errors import UserError
 MODES = ("exact", "fast")
 DEFAULT_MODE = "exact"
 MANIFEST_FIELD = "image_preprocess"
-# Pillow's reducing_gap for the fast path: a box reduction first when the view shrinks by
-# 3x or more; Pillow documents 3.0 as indistinguishable from the full filter in most cases.
-REDUCING_GAP = 3.0
+# The fast path's filter: torch's antialiased bilinear, which has a vectorised uint8 kernel
+# on the CPU (bicubic runs in float there, ~4x slower); its distance to the model's own
+# filter is part of what bench/photos.py fidelity measures.
+FAST_FILTER = "bilinear"
 # libjpeg's DCT scaling factors that PIL's draft offers.
 _DCT_SCALES = (8, 4, 2)
 
@@ -115,15 +118,13 @@ class ViewRenderer:
                 # Pillow rounds the reduced size up: ceil(width / scale) x ceil(height / scale)
                 image.draft(None, (width // scale, height // scale))
         image = load_image(image)
-        pixels = []
-        for view, box, flip in zip(wanted, boxes, flips):
-            if view is None and self.mode == "exact":
-                pixels.append(self._eval(image))
-                continue
-            reduced = [x / scale for x in box]
-            gap = REDUCING_GAP if self.mode == "fast" else None
-            pixels.append(transforms.functional.pil_to_tensor(
-                render_view(image, reduced, flip, self.size, self.interpolation, reducing_gap=gap)))
+        if self.mode == "fast":
+            tensor = transforms.functional.pil_to_tensor(image)
+            pixels = [crop_resize(tensor, [x / scale for x in box], flip, self.size) for box, flip in zip(boxes, flips)]
+        else:
+            pixels = [self._eval(image) if view is None else transforms.functional.pil_to_tensor(
+                render_view(image, box, flip, self.size, self.interpolation))
+                for view, box, flip in zip(wanted, boxes, flips)]
         return torch.stack(pixels), np.array(boxes, dtype=np.float32), np.array(flips, dtype=bool)
 
     def eval_pixels(self, data: bytes) -> torch.Tensor:
@@ -137,3 +138,80 @@ class ViewRenderer:
 
 def _eval_only(width: int, height: int) -> tuple[View]:
     return (None,)
+
+
+class DeviceDecoder:
+    """Views made on ``device`` from encoded bytes (``--decode device``): JPEGs decoded in one
+    batched ``torchvision.io.decode_jpeg`` call (nvJPEG on CUDA, libjpeg-turbo on the CPU),
+    each view cropped from its box (rounded to whole pixels; a box reaching outside the image
+    is padded black), resized with torch's antialiased filter of the renderer's
+    interpolation and flipped, all on the device. Bytes that are not JPEG, or that the
+    batched decode refuses, go through the renderer's CPU path for that image. The boxes
+    come from the host, so nothing here waits for the device.
+    """
+
+    def __init__(self, renderer: ViewRenderer, device: torch.device):
+        self.renderer, self.device = renderer, device
+        self.fallbacks = 0  # images that went through the CPU path
+
+    def decode(self, encoded: Sequence[bytes], views: Sequence[View]) -> torch.Tensor:
+        """uint8 [N, 3, H, W] on the device: view ``views[i]`` of image ``encoded[i]``.
+        Raises :class:`rdkd.errors.SampleError` for an image no path decodes."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from rdkd.data import open_image
+
+        out = torch.empty((len(encoded), 3, *self.renderer.size), dtype=torch.uint8, device=self.device)
+        jpegs = []
+        for i, data in enumerate(encoded):
+            header = open_image(data)  # refuses non-images and huge ones before any pixel is decoded
+            if header.format == "JPEG":
+                jpegs.append(i)
+            else:
+                out[i] = self._on_cpu(data, views[i])
+        if not jpegs:
+            return out
+        tensors = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one image the batch refused: decode them one by one
+            images = []
+            for i, tensor in zip(jpegs, tensors):
+                try:
+                    images.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    images.append(None)
+        for i, image in zip(jpegs, images):
+            out[i] = self._on_cpu(encoded[i], views[i]) if image is None else self._view(image, views[i])
+        return out
+
+    def _on_cpu(self, data: bytes, view: View) -> torch.Tensor:
+        self.fallbacks += 1
+        return self.renderer.render(data, lambda width, height: (view,))[0][0].to(self.device)
+
+    def _view(self, image: torch.Tensor, view: View) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        box, flip = (self.renderer.eval_box(width, height), False) if view is None else view
+        return crop_resize(image, box, flip, self.renderer.size)
+
+
+def crop_resize(image: torch.Tensor, box: Box, flip: bool, size: tuple[int, int]) -> torch.Tensor:
+    """The ``fast`` view of a uint8 [3, H, W] image on any device: ``box`` (rounded to whole
+    pixels; black outside the image) resized to ``size`` with :data:`FAST_FILTER`,
+    antialiased, then flipped. uint8 in and out: on the CPU torch's uint8 kernel, elsewhere
+    in float, rounded."""
+    import torch.nn.functional as F
+
+    height, width = image.shape[-2:]
+    left, top, right, bottom = (round(float(x)) for x in box)
+    right, bottom = max(right, left + 1), max(bottom, top + 1)
+    crop = image[:, max(top, 0):min(bottom, height), max(left, 0):min(right, width)]
+    if crop.shape[-2:] != (bottom - top, right - left):
+        crop = F.pad(crop, (max(-left, 0), max(right - width, 0), max(-top, 0), max(bottom - height, 0)))
+    if image.device.type == "cpu":  # the uint8 kernel is fastest on a dense channels-last input
+        crop = crop[None].contiguous(memory_format=torch.channels_last)
+        resized = F.interpolate(crop, size=size, mode=FAST_FILTER, antialias=True, align_corners=False)[0]
+    else:
+        resized = F.interpolate(crop[None].float(), size=size, mode=FAST_FILTER, antialias=True,
+                                align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+    return resized.flip(-1) if flip else resized
