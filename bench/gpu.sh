@@ -8,6 +8,10 @@
 #   4. rdkd train-student: ViT-T-16, cliprd, from that cache, batch 256 (60 steps) and 1024
 #      (40 steps, its peak host memory (PSS + shared memory) watched by bench/train_feed.py),
 #      a log record every 10 steps; then, if time is left, batch 1024 with --compile;
+#   5. the web regime (issue #16), when PHOTOS names the folder `bench/photos.py make` wrote
+#      (carry it: scikit-image is not needed there): its web photos tiled into WEB_IMAGES
+#      (20,000) samples, then extract-teacher and train-student at the largest batch on them,
+#      with --preprocess $WEB_PREPROCESS (fast; the student follows the cache);
 # and prints (bench/gpu_summary.py) extraction steady img/s / bare forward img/s, train
 # samples/s (log intervals after the first) / bare step samples/s, the data-wait share, peak
 # GPU memory and the targets (>= 0.85 each). bf16 on CUDA; models random-init (the speed of a
@@ -36,6 +40,9 @@ TRAIN_BATCHES=${TRAIN_BATCHES:-256 1024}
 TRAIN_STEPS=${TRAIN_STEPS:-60 40}
 LOG_EVERY=${LOG_EVERY:-10}
 COMPILE_STEPS=${COMPILE_STEPS:-40}  # train-student --compile at the largest batch; 0: not run
+PHOTOS=${PHOTOS:-}  # bench/photos.py make's folder: the web-regime stages run when set
+WEB_IMAGES=${WEB_IMAGES:-20000}
+WEB_PREPROCESS=${WEB_PREPROCESS:-fast}
 WORKERS=${WORKERS:-$(( $(nproc) > 16 ? 16 : $(nproc) ))}
 BARE_ARGS=${BARE_ARGS:-}
 LIMIT_S=${LIMIT_S:-450}
@@ -44,13 +51,19 @@ RESULTS=${OUT:-$WORK/results}
 export COLUMNS=200 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1  # one summary line per stage; no Hub look-ups
 PY=${PYTHON:-python3}
 export DEVICE PRECISION TEACHER STUDENT IMAGES SIZE WORKERS EXTRACT_BATCH TRAIN_BATCHES TRAIN_STEPS LOG_EVERY \
-    COMPILE_STEPS LIMIT_S  # recorded in machine.json
+    COMPILE_STEPS LIMIT_S PHOTOS WEB_IMAGES WEB_PREPROCESS  # recorded in machine.json
 read -r -a batches <<< "$TRAIN_BATCHES"
 read -r -a steps <<< "$TRAIN_STEPS"
 command -v rdkd >/dev/null || { echo "error: rdkd is not on PATH (bash bench/device_setup.sh)" >&2; exit 2; }
 [ ${#batches[@]} -eq ${#steps[@]} ] || { echo "error: TRAIN_BATCHES and TRAIN_STEPS differ in length" >&2; exit 2; }
 mkdir -p "$WORK" "$RESULTS"
 deadline=$(( SECONDS + LIMIT_S ))
+
+# CPU seconds (user + system) of this shell's finished children: a stage's host CPU, its
+# DataLoader workers included, is the difference around it.
+children_cpu() {
+  times | awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }'
+}
 
 # run_stage NAME CAP_S COMMAND...: COMMAND bounded by min(CAP_S, time left), output in
 # $WORK/NAME.log, one record in $WORK/stages.jsonl, one line here.
@@ -65,9 +78,11 @@ run_stage() {
     return 1
   fi
   start=$SECONDS
+  cpu_before=$(children_cpu)
   timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
   rc=$?
-  echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( SECONDS - start )), \"limit_s\": $limit, \"timed_out\": $([ $rc -eq 124 ] && echo true || echo false)}" >> "$WORK/stages.jsonl"
+  cpu=$(awk -v a="$cpu_before" -v b="$(children_cpu)" 'BEGIN{printf "%.2f", b - a}')
+  echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( SECONDS - start )), \"cpu_s\": $cpu, \"limit_s\": $limit, \"timed_out\": $([ $rc -eq 124 ] && echo true || echo false)}" >> "$WORK/stages.jsonl"
   echo "[$name] rc $rc in $(( SECONDS - start )) s (limit $limit s): $(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-300)"
   return $rc
 }
@@ -84,10 +99,11 @@ GPU=${gpu:-none} CPU=$cpu CPUS=$(nproc) TORCH=$torch_line COMMIT=$commit "$PY" -
 import json, os, sys
 env = os.environ
 keys = ("DEVICE", "PRECISION", "TEACHER", "STUDENT", "IMAGES", "SIZE", "WORKERS", "EXTRACT_BATCH",
-        "TRAIN_BATCHES", "TRAIN_STEPS", "LOG_EVERY", "COMPILE_STEPS", "LIMIT_S")
+        "TRAIN_BATCHES", "TRAIN_STEPS", "LOG_EVERY", "COMPILE_STEPS", "LIMIT_S", "PHOTOS", "WEB_IMAGES",
+        "WEB_PREPROCESS")
 record = {"gpu": env["GPU"], "cpu": env["CPU"], "cpus": int(env["CPUS"]), "torch": env["TORCH"],
           "rdkd_commit": env["COMMIT"], **{k.lower(): env[k] for k in keys}}
-for k in ("images", "size", "workers", "extract_batch", "log_every", "compile_steps", "limit_s"):
+for k in ("images", "size", "workers", "extract_batch", "log_every", "compile_steps", "limit_s", "web_images"):
     record[k] = int(record[k])
 json.dump(record, open(sys.argv[1], "w"), indent=1)
 ' "$WORK/machine.json"
@@ -129,8 +145,22 @@ if (( COMPILE_STEPS > 0 )); then
   fi
 fi
 
+# 5. the web regime: real-photo JPEGs (bench/photos.py), extraction and the largest batch
+if [ -n "$PHOTOS" ]; then
+  largest=${batches[-1]}
+  run_stage web-data 60 "$PY" "$HERE/photos.py" tile --data "$PHOTOS" --regime web --count "$WEB_IMAGES" \
+      --out "$WORK/web"
+  run_stage extract-web 150 rdkd extract-teacher --data "$WORK/web" --model "$TEACHER" \
+      --batch-size "$EXTRACT_BATCH" --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" \
+      --preprocess "$WEB_PREPROCESS" --no-progress --out "$WORK/cache-web"
+  run_stage "train-web-$largest" 150 rdkd train-student --data "$WORK/web" --cache "$WORK/cache-web" \
+      --student "$STUDENT" --loss cliprd --steps "${steps[-1]}" --batch-size "$largest" --precision "$PRECISION" \
+      --workers "$WORKERS" --device "$DEVICE" --log-every "$LOG_EVERY" --save-every 100000 --no-progress \
+      --out "$WORK/train-web-$largest"
+fi
+
 # summary, and what comes back: at most 7 files in $RESULTS
-for log in "$WORK"/bare.log "$WORK"/demo-data.log "$WORK"/extract.log "$WORK"/train-*.log; do
+for log in "$WORK"/bare.log "$WORK"/demo-data.log "$WORK"/extract*.log "$WORK"/train-*.log; do
   [ -f "$log" ] && { echo "===== $(basename "$log")"; cat "$log"; }
 done > "$RESULTS/logs.txt"
 cp "$WORK/bare.jsonl" "$RESULTS/bare.jsonl"

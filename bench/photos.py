@@ -4,6 +4,7 @@ core pays per sample to turn them into model inputs (issue #16).
     python bench/photos.py make [--out artifacts/photos]          # the three regimes, as shards
     python bench/photos.py time [--data artifacts/photos]         # CPU ms per sample, one core
     python bench/photos.py fidelity --teacher PATH [--teacher ViT-B-16]   # fast vs exact embeddings
+    python bench/photos.py tile --data artifacts/photos --regime web --count 50000 --out DIR  # for bench/gpu.sh
 
 ``make``: the sources are scikit-image's sample photos (``skimage/data``: astronaut,
 chelsea, coffee, rocket, retina, motorcycles, hubble, ihc, brick, grass, gravel, camera,
@@ -44,6 +45,10 @@ against the ``exact`` one, for view 0 (eval view) and one random view (the same 
 ways): cosine mean / min / 1st percentile per teacher. ``--teacher`` takes a model as
 ``rdkd`` does (an open_clip name, random init without ``--pretrained``, or a local-dir /
 export folder), repeatable.
+
+``tile``: a regime's photos repeated, under new keys, into ``--count`` samples in shards of
+5,000 (what ``bench/gpu.sh`` measures on a machine without scikit-image: the decode cost
+of a sample is that of its bytes).
 
 Results go to ``--json`` (default ``bench/results/photos-<command>.json``) as well as the console.
 """
@@ -137,6 +142,22 @@ def make(args: argparse.Namespace) -> dict:
               f"median {median[0]} x {median[1]} px -> {folder / '00000.tar'}")
     (out / "photos.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def tile(args: argparse.Namespace) -> dict:
+    samples = read_regime(Path(args.data), args.regime)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, args.count, 5000):
+        with tarfile.open(out / f"{start // 5000:05d}.tar", "w") as tar:
+            for i in range(start, min(start + 5000, args.count)):
+                key, data = samples[i % len(samples)]
+                for suffix, payload in ((".jpg", data), (".txt", f"photo {key}".encode())):
+                    info = tarfile.TarInfo(f"{i:07d}{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    print(f"{args.count} samples of {args.data}/{args.regime} in {out}")
+    return {}
 
 
 def read_regime(data: Path, regime: str, limit: int | None = None) -> list[tuple[str, bytes]]:
@@ -263,6 +284,11 @@ def main() -> None:
     p.add_argument("--out", default="artifacts/photos")
     p.add_argument("--count", type=int, default=256, help="samples per regime")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("tile", help="repeat a regime's photos into COUNT samples")
+    p.add_argument("--data", default="artifacts/photos")
+    p.add_argument("--regime", default="web", choices=list(REGIMES))
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--out", required=True)
     for name, help_text in (("time", "CPU ms per sample"), ("fidelity", "fast vs exact embeddings")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--data", default="artifacts/photos")
@@ -274,8 +300,8 @@ def main() -> None:
         else:
             p.add_argument("--teacher", action="append", required=True)
     args = parser.parse_args()
-    report = {"make": make, "time": time_paths, "fidelity": fidelity}[args.command](args)
-    if args.command != "make":
+    report = {"make": make, "tile": tile, "time": time_paths, "fidelity": fidelity}[args.command](args)
+    if args.command in ("time", "fidelity"):
         report["machine"] = machine()
         out = Path(args.json or HERE / "results" / f"photos-{args.command}.json")
         out.write_text(json.dumps(report, indent=1) + "\n")
