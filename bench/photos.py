@@ -198,14 +198,14 @@ def paths(samples: list[tuple[str, bytes]]) -> dict:
 
     renderers = _renderers()
     train = uint8_transform(open_clip.image_transform(224, is_train=True, aug_cfg={"scale": DEFAULT_CROP_SCALE}))
-    decoder = DeviceDecoder(renderers["exact"], torch.device("cpu"))
+    decoder = DeviceDecoder(renderers["fast"], torch.device("cpu"))
     made = {"decode": lambda key, data: decode_image(data)}
     for mode, renderer in renderers.items():
         made[f"extraction {mode}"] = lambda key, data, r=renderer: r.eval_pixels(data)
         made[f"replay {mode}"] = lambda key, data, r=renderer: r.render(
             data, lambda w, h: [_cached_view(key, w, h)])
     made["train exact"] = lambda key, data: train(decode_image(data))
-    made["device-decode (CPU tensors)"] = lambda key, data: decoder.decode([data], [None])
+    made["device-decode (CPU tensors)"] = lambda key, data: decoder.decode([data], [[None]])
     return made
 
 

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from rdkd.errors import UserError
+from rdkd.errors import SampleError, UserError
 
 MODES = ("exact", "fast")
 DEFAULT_MODE = "exact"
@@ -143,56 +143,57 @@ def _eval_only(width: int, height: int) -> tuple[View]:
 class DeviceDecoder:
     """Views made on ``device`` from encoded bytes (``--decode device``): JPEGs decoded in one
     batched ``torchvision.io.decode_jpeg`` call (nvJPEG on CUDA, libjpeg-turbo on the CPU),
-    each view cropped from its box (rounded to whole pixels; a box reaching outside the image
-    is padded black), resized with torch's antialiased filter of the renderer's
-    interpolation and flipped, all on the device. Bytes that are not JPEG, or that the
-    batched decode refuses, go through the renderer's CPU path for that image. The boxes
-    come from the host, so nothing here waits for the device.
+    every view :func:`crop_resize` on the device: the ``fast`` views, from a full decode
+    instead of a DCT-scaled one. Bytes that are not JPEG, or that the decode refuses, go
+    through the renderer's CPU path for that image (``fallbacks`` counts them); an image
+    neither path decodes is reported, its rows left black. The boxes come from the host, so
+    nothing here waits for the device. DataLoader workers only read the bytes and check the
+    header (:func:`rdkd.data.open_image`: not an image, too large).
     """
 
     def __init__(self, renderer: ViewRenderer, device: torch.device):
+        if renderer.mode != "fast":
+            raise UserError("--decode device makes the fast views: it needs --preprocess fast (or a fast cache)")
         self.renderer, self.device = renderer, device
         self.fallbacks = 0  # images that went through the CPU path
 
-    def decode(self, encoded: Sequence[bytes], views: Sequence[View]) -> torch.Tensor:
-        """uint8 [N, 3, H, W] on the device: view ``views[i]`` of image ``encoded[i]``.
-        Raises :class:`rdkd.errors.SampleError` for an image no path decodes."""
+    def decode(self, encoded: Sequence[bytes], views: Sequence[Sequence[View]]
+               ) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        """uint8 [sum of len(views[i]), 3, H, W] on the device: the views ``views[i]`` of
+        image ``encoded[i]``, image after image; and (i, reason) of the images that no path
+        decodes (their rows are black: drop or replace them)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        from rdkd.data import open_image
-
-        out = torch.empty((len(encoded), 3, *self.renderer.size), dtype=torch.uint8, device=self.device)
-        jpegs = []
-        for i, data in enumerate(encoded):
-            header = open_image(data)  # refuses non-images and huge ones before any pixel is decoded
-            if header.format == "JPEG":
-                jpegs.append(i)
-            else:
-                out[i] = self._on_cpu(data, views[i])
-        if not jpegs:
-            return out
+        firsts = np.cumsum([0] + [len(v) for v in views])
+        out = torch.zeros((int(firsts[-1]), 3, *self.renderer.size), dtype=torch.uint8, device=self.device)
+        failed: list[tuple[int, str]] = []
+        jpegs = [i for i, data in enumerate(encoded) if data[:3] == b"\xff\xd8\xff"]
         tensors = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpegs]
         try:
-            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device) if tensors else []
         except RuntimeError:  # one image the batch refused: decode them one by one
             images = []
-            for i, tensor in zip(jpegs, tensors):
+            for tensor in tensors:
                 try:
                     images.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device))
                 except RuntimeError:
                     images.append(None)
-        for i, image in zip(jpegs, images):
-            out[i] = self._on_cpu(encoded[i], views[i]) if image is None else self._view(image, views[i])
-        return out
-
-    def _on_cpu(self, data: bytes, view: View) -> torch.Tensor:
-        self.fallbacks += 1
-        return self.renderer.render(data, lambda width, height: (view,))[0][0].to(self.device)
-
-    def _view(self, image: torch.Tensor, view: View) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        box, flip = (self.renderer.eval_box(width, height), False) if view is None else view
-        return crop_resize(image, box, flip, self.renderer.size)
+        decoded = dict(zip(jpegs, images))
+        for i, data in enumerate(encoded):
+            rows = slice(int(firsts[i]), int(firsts[i + 1]))
+            image = decoded.get(i)
+            if image is not None:
+                height, width = image.shape[-2:]
+                out[rows] = torch.stack([
+                    crop_resize(image, *((self.renderer.eval_box(width, height), False) if v is None else v),
+                                self.renderer.size) for v in views[i]])
+                continue
+            self.fallbacks += 1
+            try:
+                out[rows] = self.renderer.render(data, lambda w, h, v=views[i]: v)[0].to(self.device)
+            except SampleError as err:
+                failed.append((i, err.reason))
+        return out, failed
 
 
 def crop_resize(image: torch.Tensor, box: Box, flip: bool, size: tuple[int, int]) -> torch.Tensor:

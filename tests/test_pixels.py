@@ -14,7 +14,7 @@ from PIL import Image
 
 from rdkd.cache.views import render_view
 from rdkd.data import decode_image
-from rdkd.errors import SampleError
+from rdkd.errors import UserError
 from rdkd.pixels import DeviceDecoder, ViewRenderer, dct_scale, mode_of
 
 SIZE = 64
@@ -105,19 +105,21 @@ def test_device_decoder_on_cpu_matches_the_fast_path():
     fast = renderer("fast")
     decoder = DeviceDecoder(fast, torch.device("cpu"))
     small = ((400.0, 300.0, 470.0, 380.0), True)
-    got = decoder.decode([data, data], [small, None])
+    got, failed = decoder.decode([data, data], [[small], [None, small]])
+    assert got.shape == (3, 3, SIZE, SIZE) and failed == [] and decoder.fallbacks == 0
     assert diff(got[0], fast.view_pixels(data, small)).max() <= 1
     assert diff(got[1], fast.eval_pixels(data)).mean() <= 3.0
-    assert decoder.fallbacks == 0
+    assert torch.equal(got[2], got[0])
 
 
-def test_device_decoder_falls_back_per_image_and_refuses_bad_bytes():
-    png = photo(fmt="PNG")
+def test_device_decoder_falls_back_per_image_and_reports_what_no_path_decodes():
+    png, jpeg = photo(fmt="PNG"), photo()
     decoder = DeviceDecoder(renderer("fast"), torch.device("cpu"))
-    got = decoder.decode([photo(), png], [None, None])
-    assert decoder.fallbacks == 1 and torch.equal(got[1], renderer("fast").eval_pixels(png))
-    with pytest.raises(SampleError):
-        decoder.decode([b"not an image"], [None])
+    got, failed = decoder.decode([jpeg, png, jpeg[: len(jpeg) // 3], b"not an image"], [[None]] * 4)
+    assert decoder.fallbacks == 3 and torch.equal(got[1], renderer("fast").eval_pixels(png))
+    assert [i for i, _ in failed] == [2, 3] and int(got[2:].max()) == 0
+    with pytest.raises(UserError):
+        DeviceDecoder(renderer("exact"), torch.device("cpu"))
 
 
 def test_old_manifests_mean_exact():
