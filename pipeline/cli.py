@@ -32,6 +32,7 @@ DATA_FORMAT = typer.Option("auto", "--data-format", help="csv, webdataset, parqu
 IMAGE_COLUMN = typer.Option("filepath", help="CSV: image path column; Parquet: image bytes column.")
 CAPTION_COLUMN = typer.Option("title", help="Caption column (CSV/Parquet).")
 KEY_COLUMN = typer.Option(None, help="Sample key column (default: derived from the image path).")
+DECODE = typer.Option("workers", "--decode", help="Where images are decoded: workers (DataLoader processes, on the CPU) or device (the workers hand over encoded JPEGs; decode, crop and resize run on the model's device, nvJPEG on CUDA). device needs the fast preprocessing.")
 SEPARATOR = typer.Option("\t", help="CSV field separator: a character, or tab / comma.")
 
 
@@ -74,6 +75,7 @@ def extract_teacher_command(
     view_scale: str = typer.Option("0.08,1.0", "--view-scale", help="Area fraction range of the random views' crops."),
     view_seed: int = typer.Option(0, "--view-seed", help="Seed of the random views (with the key and view index)."),
     preprocess: str = typer.Option("exact", "--preprocess", help="How images become pixels: exact (open_clip's transforms on the full decode) or fast (JPEGs decoded at reduced size, one crop-resize per view); recorded in the cache, followed by students."),
+    decode: str = DECODE,
     rows_per_shard: int = typer.Option(10_000, "--rows-per-shard", min=1, help="Images per cache shard (CSV/Parquet; webdataset follows its data shards)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep and skip shards an interrupted run finished."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache of another teacher, preprocessing or dataset at --out."),
@@ -90,7 +92,7 @@ def extract_teacher_command(
         spec, parse_model_spec(model, pretrained), out, batch_size=batch_size, workers=workers, device=device,
         precision=precision, storage_dtype=storage_dtype,
         views=ViewConfig(count=views, scale=_float_pair(view_scale, "--view-scale"), seed=view_seed),
-        preprocess=preprocess, rows_per_shard=rows_per_shard, resume=resume, overwrite=overwrite,
+        preprocess=preprocess, decode=decode, rows_per_shard=rows_per_shard, resume=resume, overwrite=overwrite,
         max_reject_fraction=max_reject_fraction, progress=progress,
     )
 
@@ -150,6 +152,7 @@ def train_student_command(
     verify_cache: Optional[bool] = typer.Option(None, "--verify-cache/--no-verify-cache", help="Checksum every cache file first (default: only caches up to 2 GiB; bigger ones get a size check)."),
     log_every: int = typer.Option(50, "--log-every", min=1, help="Steps per log record: loss means, rates, data-wait and compute time, and the non-finite check (the one host-device sync of an interval)."),
     compile_student: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the student (see BENCHMARKS.md for when it pays)."),
+    decode: str = DECODE,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read webdataset shards in order beside their cache shards instead of indexing the dataset (no global index in memory). Default: stream webdataset data of more than 2M entries with a shard-aligned cache."),
     shuffle_buffer: int = typer.Option(2000, "--shuffle-buffer", min=1, help="Streaming: raw samples each DataLoader worker holds to shuffle."),
@@ -164,7 +167,7 @@ def train_student_command(
         batch_size=batch_size, lr=lr, weight_decay=wd, warmup=warmup, grad_clip=grad_clip,
         precision=precision, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, resume=resume, out=out, verify_cache=verify_cache,
-        log_every=log_every, log_dir=log_dir, compile=compile_student, progress=progress,
+        log_every=log_every, log_dir=log_dir, compile=compile_student, decode=decode, progress=progress,
         stream=stream, shuffle_buffer=shuffle_buffer,
     )
     final = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
@@ -210,6 +213,7 @@ def evaluate_command(
     workers: int = typer.Option(4, "--workers", min=0, help="DataLoader worker processes for image decoding."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu, cuda, cuda:N."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast of the model's forward (fp16 on CUDA only)."),
+    decode: str = DECODE,
     seed: int = typer.Option(0, "--seed", help="Seed of the fidelity similarity sample."),
     fidelity_sample: int = typer.Option(2000, "--fidelity-sample", min=3, help="Items sampled for the Spearman fidelity correlations."),
     per_class: bool = typer.Option(False, "--per-class", help="Also write zero-shot per-class top-1 accuracy CSVs."),
@@ -236,7 +240,7 @@ def evaluate_command(
     results = evaluate(
         target, data=data_spec, model=spec, cache=cache, teacher_cache=teacher_cache, zeroshot=tasks,
         index_factory=index_factory, search_params=search_params, batch_size=batch_size, workers=workers,
-        device=device, precision=precision, seed=seed, fidelity_sample=fidelity_sample,
+        device=device, precision=precision, decode=decode, seed=seed, fidelity_sample=fidelity_sample,
         per_class=per_class, ranks=ranks, run_info=run_info, progress=progress,
     )
     shown = {k: v for k, v in results.items() if k.endswith(("_r1", "/top1", "knn10_img", "cka_img"))}

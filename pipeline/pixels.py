@@ -33,6 +33,9 @@ from torchvision import transforms
 from rdkd.errors import SampleError, UserError
 
 MODES = ("exact", "fast")
+# Where images are decoded: in the DataLoader workers (the renderer, on the CPU) or on the
+# model's device from the encoded bytes (:class:`DeviceDecoder`).
+DECODE_PLACES = ("workers", "device")
 DEFAULT_MODE = "exact"
 MANIFEST_FIELD = "image_preprocess"
 # The fast path's filter: torch's antialiased bilinear, which has a vectorised uint8 kernel
@@ -51,6 +54,22 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise UserError(f"unknown image preprocessing {mode!r}; choose one of {', '.join(MODES)}")
     return mode
+
+
+def check_decode(place: str) -> str:
+    """``place`` if it is one of :data:`DECODE_PLACES`, else a one-line :class:`UserError`."""
+    if place not in DECODE_PLACES:
+        raise UserError(f"unknown --decode {place!r}; choose one of {', '.join(DECODE_PLACES)}")
+    return place
+
+
+def checked_bytes(data: bytes) -> bytes:
+    """``data`` once its header reads as an image of acceptable size (what a DataLoader worker
+    checks before handing encoded bytes to a :class:`DeviceDecoder`), else :class:`SampleError`."""
+    from rdkd.data import open_image
+
+    open_image(data)
+    return data
 
 
 def mode_of(manifest: dict) -> str:
@@ -153,7 +172,8 @@ class DeviceDecoder:
 
     def __init__(self, renderer: ViewRenderer, device: torch.device):
         if renderer.mode != "fast":
-            raise UserError("--decode device makes the fast views: it needs --preprocess fast (or a fast cache)")
+            raise UserError("--decode device makes the fast views (rdkd.pixels); this run's preprocessing is exact: "
+                            "extract with --preprocess fast, or decode in the workers")
         self.renderer, self.device = renderer, device
         self.fallbacks = 0  # images that went through the CPU path
 

@@ -102,8 +102,12 @@ class PairBuilder:
     """
 
     def __init__(self, tokenizer: Callable, image_cfg: ImageCfg, seed: int, cache: Any = None,
-                 crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE):
+                 crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, decode: str = "workers"):
         self.tokenizer = tokenizer
+        # device: samples carry their encoded image and view, for a DeviceDecoder in the main process
+        self.encoded = pixels.check_decode(decode) == "device"
+        if self.encoded and (cache is None or pixels.mode_of(cache.manifest) != "fast"):
+            raise UserError("--decode device replays the views of a fast cache (extract-teacher --preprocess fast)")
         self.image_cfg = image_cfg
         self.seed = int(seed)
         self.cache = cache
@@ -165,10 +169,15 @@ class PairBuilder:
             image_row = int(start + view)
             text_row = int(text_start + caption_choice)
             if view == 0 and self._eval_view0:
-                image_pixels = self.renderer.eval_pixels(image_bytes)
+                chosen = None
             else:
                 box, flip = self.cache.view_params(np.asarray([image_row], dtype=np.int64))
-                image_pixels = self.renderer.view_pixels(image_bytes, (box[0].tolist(), bool(flip[0])))
+                chosen = (box[0].tolist(), bool(flip[0]))
+            if self.encoded:
+                text = self.tokenizer([captions[caption_choice]])[0]
+                return {"image": pixels.checked_bytes(image_bytes), "view": chosen, "text": text, "index": index,
+                        "image_row": image_row, "text_row": text_row}
+            image_pixels = self.renderer.view_pixels(image_bytes, chosen)
         text = self.tokenizer([captions[caption_choice]])[0]
         return {"image": image_pixels, "text": text, "index": index,
                 "image_row": image_row, "text_row": text_row}
@@ -177,10 +186,13 @@ class PairBuilder:
         """A local batch (the format of the module docstring) with the teacher rows of
         exactly its views and captions: one read per batch, in storage dtype. The images go
         into one buffer, in shared memory inside a DataLoader worker (no copy on hand-over)."""
-        height, width = self.image_cfg.size
-        images = _batch_buffer((len(samples), 3, height, width), torch.uint8)
-        for i, sample in enumerate(samples):
-            images[i] = sample["image"]
+        if self.encoded:  # the encoded images and their views (None: the eval view), host lists
+            images = [s["image"] for s in samples]
+        else:
+            height, width = self.image_cfg.size
+            images = _batch_buffer((len(samples), 3, height, width), torch.uint8)
+            for i, sample in enumerate(samples):
+                images[i] = sample["image"]
         batch = {
             "image": images,
             "text": torch.stack([s["text"] for s in samples]),
@@ -189,6 +201,9 @@ class PairBuilder:
             "text_row": torch.tensor([s["text_row"] for s in samples], dtype=torch.int64),
             "skipped": skipped,
         }
+        if self.encoded:
+            batch["view"] = [s["view"] for s in samples]
+            batch["host_index"] = [s["index"] for s in samples]
         if self.cache is not None:
             batch["t_img"] = self.cache.image_embeddings(batch["image_row"].numpy(), stored=True)
             batch["t_txt"] = self.cache.text_embeddings(batch["text_row"].numpy(), stored=True)
@@ -223,9 +238,9 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data: Any, tokenizer: Callable, image_cfg: ImageCfg, seed: int,
-                 cache: Any = None, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE):
+                 cache: Any = None, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, decode: str = "workers"):
         self.data = data
-        self.builder = PairBuilder(tokenizer, image_cfg, seed, cache, crop_scale)
+        self.builder = PairBuilder(tokenizer, image_cfg, seed, cache, crop_scale, decode)
         self.image_cfg = image_cfg
         self.skipped_at_join: dict[str, int] = {}
         if cache is None:

@@ -266,14 +266,17 @@ class _DecodedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | bytes | None, str | None]:
         image, reason = runtime.decode_or_reason(partial(self.source.read_image_bytes, i), self.to_pixels)
         return i, image, reason
 
 
-def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+def _collate(batch: list) -> tuple[list[int], torch.Tensor | list[bytes] | None, list[tuple[int, str]]]:
+    """Entries, their pixels stacked (or their encoded bytes, for the device to decode), the rest's reasons."""
     good = [(i, x) for i, x, _ in batch if x is not None]
     bad = [(i, reason) for i, x, reason in batch if x is None]
+    if good and isinstance(good[0][1], bytes):
+        return [i for i, _ in good], [x for _, x in good], bad
     return [i for i, _ in good], (torch.stack([x for _, x in good]) if good else None), bad
 
 
@@ -283,10 +286,11 @@ class _Encoder:
     device until a pass ends (no wait on the device per batch)."""
 
     def __init__(self, loaded, device: torch.device, precision: str, batch_size: int, workers: int,
-                 show_progress: bool, preprocess: str = pixels.DEFAULT_MODE):
+                 show_progress: bool, preprocess: str = pixels.DEFAULT_MODE, decode: str = "workers"):
         self.loaded, self.device, self.precision = loaded, device, precision
         self.batch_size, self.workers, self.show_progress = batch_size, workers, show_progress
         self.renderer = pixels.ViewRenderer.of_model(loaded.preprocess, loaded.preprocess_cfg, preprocess)
+        self.decoder = pixels.DeviceDecoder(self.renderer, device) if decode == "device" else None
         self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
 
     @contextlib.contextmanager
@@ -298,15 +302,23 @@ class _Encoder:
     def images(self, source: Any, description: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """(embeddings of the readable images, their entry indices, (entry, reason) of the others)."""
         loader = torch.utils.data.DataLoader(
-            _DecodedImages(source, self.renderer.eval_pixels), batch_size=self.batch_size, num_workers=self.workers,
+            _DecodedImages(source, self.renderer.eval_pixels if self.decoder is None else pixels.checked_bytes),
+            batch_size=self.batch_size, num_workers=self.workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda",
         )
         chunks, kept, bad = [], [], []
         with runtime.progress(self.show_progress, description, len(source)) as advance, self.compute():
-            for indices, pixels, rejects in loader:
-                if pixels is not None:
-                    pixels = self.normalize(pixels.to(self.device, non_blocking=True))
-                    chunks.append(self.loaded.model.encode_image(pixels, normalize=True).float())
+            for indices, images, rejects in loader:
+                if isinstance(images, list):  # encoded: decoded on the device; what no path decodes is skipped
+                    images, failed = self.decoder.decode(images, [[None]] * len(images))
+                    if failed:
+                        lost = {i for i, _ in failed}
+                        rejects = rejects + [(indices[i], reason) for i, reason in failed]
+                        images = images[[i for i in range(len(indices)) if i not in lost]]
+                        indices = [entry for i, entry in enumerate(indices) if i not in lost]
+                if images is not None and len(indices):
+                    images = self.normalize(images.to(self.device, non_blocking=True))
+                    chunks.append(self.loaded.model.encode_image(images, normalize=True).float())
                     kept.extend(indices)
                 bad.extend(rejects)
                 advance(len(indices) + len(rejects))
@@ -457,6 +469,7 @@ def evaluate(
     ranks: bool = True,
     run_info: dict[str, Any] | None = None,
     precision: str = "fp32",
+    decode: str = "workers",
     progress: bool = True,
 ) -> dict[str, float]:
     """Score ``model`` (a :class:`rdkd.models.ModelSpec`) or ``cache``; return and write the metrics.
@@ -465,6 +478,8 @@ def evaluate(
     ``artifacts/eval/<name>/metrics.json``. ``ranks=False`` skips mean/median rank, whose
     exact count scans the gallery again for every query whose match is not in its top K.
     ``precision``: fp32, or bf16/fp16 autocast of the model's forward (fp16 needs CUDA).
+    ``decode``: ``workers`` (DataLoader workers make the pixels) or ``device`` (they hand
+    over the encoded bytes; :class:`rdkd.pixels.DeviceDecoder`, for a fast teacher cache).
     """
     if (model is None) == (cache is None):
         raise UserError("evaluate needs exactly one of a model or --cache")
@@ -476,6 +491,7 @@ def evaluate(
         raise UserError("--teacher-cache needs the eval dataset (--data) it was extracted from")
     if any(k < 1 for k in ks):
         raise UserError("recall cut-offs K must be positive")
+    pixels.check_decode(decode)
     out = Path(out) if out is not None else default_output(model, cache, run_info=run_info)
     dev = runtime.resolve_device(device)
     runtime.check_precision(precision, dev)
@@ -494,7 +510,7 @@ def evaluate(
 
         loaded = load_clip(model, device=dev)
         preprocess = _preprocess_of(model, teacher)
-        encoder = _Encoder(loaded, dev, precision, batch_size, workers, progress, preprocess)
+        encoder = _Encoder(loaded, dev, precision, batch_size, workers, progress, preprocess, decode)
     dim = loaded.embed_dim if loaded is not None else scored_cache.dim
     if index_factory:
         M.check_index_factory(index_factory, dim)

@@ -16,7 +16,10 @@ How the work flows (the file reads in this order):
    shards j with j % world == r; rank 0 writes the index, rejects and manifest after a barrier.
 3. DataLoader workers (:class:`TeacherInputs`) read and decode the images, render all K
    views at the teacher's input size and hand them over as ``uint8`` (a quarter of the
-   bytes of float32), with the captions tokenised.
+   bytes of float32), with the captions tokenised. With ``decode="device"`` they read the
+   image's header only and hand over its encoded bytes and view boxes; the main process
+   decodes, crops and resizes them on the device (:class:`rdkd.pixels.DeviceDecoder`,
+   :meth:`_Batch.decode_on`), an image that does not decode there becoming a reject.
 4. The main process (:class:`TeacherForward`) copies a batch from pinned memory to the
    device without waiting, normalises it there (:class:`rdkd.runtime.DeviceNormalize`:
    bitwise the values of the teacher's host transform), runs the teacher under
@@ -66,7 +69,7 @@ from rdkd import distributed, pixels, runtime
 from rdkd.cache import format as fmt
 from rdkd.cache import writer
 from rdkd.cache.views import ViewConfig, random_view, view_rng
-from rdkd.data import DataSpec, Dataset, open_dataset
+from rdkd.data import DataSpec, Dataset, open_dataset, open_image
 from rdkd.errors import UserError
 from rdkd.models import LoadedClip, ModelSpec, load_clip
 
@@ -92,6 +95,7 @@ class ExtractConfig:
     storage_dtype: str = "float16"  # embedding dtype on disk
     views: ViewConfig = ViewConfig()
     preprocess: str = pixels.DEFAULT_MODE  # exact or fast: how images become pixels (rdkd.pixels)
+    decode: str = "workers"  # or device: workers hand over encoded images, the device decodes (fast only)
     rows_per_shard: int = 10_000  # CSV/Parquet; webdataset follows its data shards
     resume: bool = True  # keep and skip shards an interrupted run finished
     overwrite: bool = False  # replace a cache of another teacher, preprocessing or dataset
@@ -111,6 +115,8 @@ class ExtractConfig:
             raise UserError(f"unknown storage dtype {self.storage_dtype!r}; "
                             f"expected one of {', '.join(fmt.STORAGE_DTYPES)}")
         pixels.check_mode(self.preprocess)
+        if pixels.check_decode(self.decode) == "device" and self.preprocess != "fast":
+            raise UserError("--decode device makes the fast views: pass --preprocess fast with it")
         if self.views.count < 1:
             raise UserError("--views must be at least 1")
         if not 0 < self.views.scale[0] <= self.views.scale[1] <= 1:
@@ -151,7 +157,7 @@ class _Item:
 
     index: int
     key: str
-    pixels: torch.Tensor | None = None  # uint8 [K, 3, H, W]
+    pixels: torch.Tensor | bytes | None = None  # uint8 [K, 3, H, W]; --decode device: the encoded image
     crops: np.ndarray | None = None  # [K, 4]
     flips: np.ndarray | None = None  # [K]
     captions: list[str] = field(default_factory=list)
@@ -166,7 +172,8 @@ class _Batch:
     first: int  # the first entry (decoded or not): which shard the batch belongs to
     entries: int  # entries covered, decoded + rejected
     keys: list[str]  # entries that decoded, in order
-    pixels: torch.Tensor  # uint8 [len(keys) * K, 3, H, W]
+    pixels: torch.Tensor | list[bytes]  # uint8 [len(keys) * K, 3, H, W]; --decode device: encoded, one per key
+    indices: list[int]  # the entries of keys
     crops: np.ndarray  # [len(keys) * K, 4]
     flips: np.ndarray  # [len(keys) * K]
     captions: list[str]  # all captions of those entries, in order
@@ -175,8 +182,33 @@ class _Batch:
     rejects: list[dict]
 
     def pin_memory(self) -> "_Batch":
-        self.pixels = self.pixels.pin_memory()
+        if isinstance(self.pixels, torch.Tensor):
+            self.pixels = self.pixels.pin_memory()
         self.tokens = self.tokens.pin_memory()
+        return self
+
+    def decode_on(self, decoder: pixels.DeviceDecoder, dataset: Dataset) -> "_Batch":
+        """--decode device: the encoded images become their K views on the device; entries
+        that no path decodes move to the rejects, as a worker would have rejected them."""
+        views = len(self.crops) // max(1, len(self.keys))
+        wanted = [[None] + [(box, bool(flip)) for box, flip in zip(self.crops[k * views + 1:(k + 1) * views],
+                                                                   self.flips[k * views + 1:(k + 1) * views])]
+                  for k in range(len(self.keys))]
+        self.pixels, failed = decoder.decode(self.pixels, wanted)
+        if not failed:
+            return self
+        lost = {k for k, _ in failed}
+        self.rejects += [{"key": self.keys[k], "source": dataset.source(self.indices[k]), "reason": reason}
+                         for k, reason in failed]
+        kept = [k for k in range(len(self.keys)) if k not in lost]
+        rows = [k * views + v for k in kept for v in range(views)]
+        firsts = np.cumsum([0] + self.caption_counts)
+        text_rows = [r for k in kept for r in range(firsts[k], firsts[k + 1])]
+        self.keys, self.indices = [self.keys[k] for k in kept], [self.indices[k] for k in kept]
+        self.pixels, self.crops, self.flips = self.pixels[rows], self.crops[rows], self.flips[rows]
+        self.captions = [self.captions[r] for r in text_rows]
+        self.caption_counts = [self.caption_counts[k] for k in kept]
+        self.tokens = self.tokens[text_rows]
         return self
 
 
@@ -191,10 +223,12 @@ class TeacherInputs(torch.utils.data.Dataset):
     conversion), the pixels a student replays.
     """
 
-    def __init__(self, dataset: Dataset, loaded: LoadedClip, views: ViewConfig, preprocess: str = pixels.DEFAULT_MODE):
+    def __init__(self, dataset: Dataset, loaded: LoadedClip, views: ViewConfig, preprocess: str = pixels.DEFAULT_MODE,
+                 encoded: bool = False):
         self.dataset = dataset
         self.renderer = pixels.ViewRenderer(loaded.preprocess, loaded.preprocess_cfg["size"], views.interpolation,
                                             loaded.preprocess_cfg.get("resize_mode", "shortest"), preprocess)
+        self.encoded = encoded  # --decode device: hand over the bytes and the views' boxes, not pixels
         self.tokenizer = loaded.tokenizer
         self.views = views
 
@@ -217,6 +251,12 @@ class TeacherInputs(torch.utils.data.Dataset):
             return [None] + [random_view(width, height, view_rng(key, view, self.views.seed), self.views)
                              for view in range(1, self.views.count)]
 
+        if self.encoded:
+            width, height = open_image(data).size
+            chosen = views(width, height)[1:]
+            boxes = [self.renderer.eval_box(width, height)] + [box for box, _ in chosen]
+            flips = [False] + [flip for _, flip in chosen]
+            return data, np.array(boxes, dtype=np.float32), np.array(flips, dtype=bool)
         return self.renderer.render(data, views)
 
 
@@ -226,7 +266,9 @@ def _collate(items: Sequence[_Item]) -> _Batch:
         first=items[0].index,
         entries=len(items),
         keys=[it.key for it in good],
-        pixels=torch.cat([it.pixels for it in good]) if good else torch.zeros(0, dtype=torch.uint8),
+        pixels=([it.pixels for it in good] if good and isinstance(good[0].pixels, bytes) else
+                torch.cat([it.pixels for it in good]) if good else torch.zeros(0, dtype=torch.uint8)),
+        indices=[it.index for it in good],
         crops=np.concatenate([it.crops for it in good]) if good else np.zeros((0, 4), np.float32),
         flips=np.concatenate([it.flips for it in good]) if good else np.zeros(0, bool),
         captions=[c for it in good for c in it.captions],
@@ -606,6 +648,7 @@ def extract_teacher(
     storage_dtype: str = "float16",
     views: ViewConfig = ViewConfig(),
     preprocess: str = pixels.DEFAULT_MODE,
+    decode: str = "workers",
     rows_per_shard: int = 10_000,
     resume: bool = True,
     overwrite: bool = False,
@@ -622,7 +665,7 @@ def extract_teacher(
     ``max_reject_fraction`` of the dataset.
     """
     config = ExtractConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
-                           storage_dtype=storage_dtype, views=views, preprocess=preprocess,
+                           storage_dtype=storage_dtype, views=views, preprocess=preprocess, decode=decode,
                            rows_per_shard=rows_per_shard, resume=resume,
                            overwrite=overwrite, max_reject_fraction=max_reject_fraction, progress=progress)
     config.check()
@@ -762,8 +805,13 @@ def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejec
         return 0, clock
     forward = TeacherForward(job.loaded, job.device, config.precision)
     show = config.progress and job.rank == 0
+    batches = iter(_loader(job, live))
+    if config.decode == "device":
+        decoder = pixels.DeviceDecoder(TeacherInputs(job.dataset, job.loaded, config.views, config.preprocess).renderer,
+                                       job.device)
+        batches = (batch.decode_on(decoder, job.dataset) if batch.keys else batch for batch in batches)
     with runtime.progress(show, "extract-teacher", sum(map(len, live)), unit="images") as advance:
-        for done in teacher_outputs(iter(_loader(job, live)), forward):
+        for done in teacher_outputs(batches, forward):
             clock.batch_done(len(done.batch.keys), done.ready_at)
             written = assembler.add(done)
             # One process knows the run can no longer meet the threshold: stop now, keep what
@@ -780,7 +828,7 @@ def _loader(job: _Job, ranges: list[range]) -> torch.utils.data.DataLoader:
     height, width = (cfg["size"], cfg["size"]) if isinstance(cfg["size"], int) else cfg["size"]
     batch_bytes = config.batch_size * config.views.count * 3 * height * width
     return torch.utils.data.DataLoader(
-        TeacherInputs(job.dataset, job.loaded, config.views, config.preprocess),
+        TeacherInputs(job.dataset, job.loaded, config.views, config.preprocess, encoded=config.decode == "device"),
         batch_sampler=_ShardBatches(ranges, config.batch_size),
         num_workers=config.workers,
         collate_fn=_collate,

@@ -104,6 +104,9 @@ class TrainConfig:
     order beside their cache shards (:mod:`rdkd.streaming`) instead of indexing the
     dataset; None (auto) streams above ``streaming.STREAM_AUTO_MIN_ENTRIES`` entries;
     ``shuffle_buffer``: raw samples each DataLoader worker holds to shuffle when streaming.
+    ``decode``: ``workers`` (DataLoader workers make the pixels) or ``device`` (they hand over
+    the encoded images; :class:`rdkd.pixels.DeviceDecoder` decodes, crops and resizes them on
+    the device; needs a fast cache).
     """
 
     data: Any
@@ -128,6 +131,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     compile: bool = False
+    decode: str = "workers"
     resume: str | None = None
     out: str | None = None
     log_dir: str | None = None
@@ -140,6 +144,8 @@ class TrainConfig:
         """JSON-ready, paths as given (relative paths stay relative)."""
         record = asdict(self)
         record["data"] = asdict(self.data) if hasattr(self.data, "__dataclass_fields__") else str(self.data)
+        if record["decode"] == "workers":  # the default, left out: run.json keeps the bytes it had before the option
+            del record["decode"]
         return record
 
 
@@ -179,6 +185,7 @@ class Run:
     scaler: torch.amp.GradScaler
     pairs: PairDataset | streaming.ShardStream
     normalize: runtime.DeviceNormalize
+    decoder: pixels.DeviceDecoder | None
     t_scale: torch.Tensor
     out_dir: Path
     log_dir: Path
@@ -235,6 +242,8 @@ def train_student(data: Any, student: str, loss: str = "cliprd", cache: str | Pa
             for step in range(progress.step, total):
                 with timer.waiting():
                     batch = next(batches)
+                    if run.decoder is not None:
+                        _decode_images(run, batch)
                 _count_skips(progress, batch["skipped"], step + 1)
                 lr = run.optimizer.param_groups[0]["lr"]
                 train_step(run, batch, window)
@@ -253,6 +262,28 @@ def train_student(data: Any, student: str, loss: str = "cliprd", cache: str | Pa
             log.close()
         if joined_here:
             distributed.cleanup()
+
+
+def _decode_images(run: Run, batch: dict) -> None:
+    """``--decode device``: the batch's encoded images become its uint8 views on the device.
+    An image no path decodes (its header read in the worker, its data not) is recorded as
+    skipped and its row takes the place of another sample of the batch, so that the batch
+    keeps its size on every rank (rare: a corrupt file that reads as an image)."""
+    images, failed = run.decoder.decode(batch["image"], [[view] for view in batch["view"]])
+    batch["image"] = images
+    if not failed:
+        return
+    lost = {i for i, _ in failed}
+    good = [i for i in range(len(batch["view"])) if i not in lost]
+    if not good:
+        raise UserError(f"no image of a batch decoded on the device (first: {failed[0][1]}); check the dataset")
+    keys = getattr(getattr(run.pairs, "data", None), "keys", None)
+    for n, (i, reason) in enumerate(failed):
+        index = batch["host_index"][i]
+        batch["skipped"].append((keys[index] if keys is not None else f"entry {index}", reason))
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value[i] = value[good[n % len(good)]]
 
 
 def train_step(run: Run, batch: dict, window: LogWindow) -> None:
@@ -343,13 +374,14 @@ def setup(config: TrainConfig) -> Run:
 
     local_batch = config.batch_size // dist.world_size
     if layout is None:
-        pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, cache=cache)
+        pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, cache=cache, decode=config.decode)
         steps_per_epoch = EpochBatchSampler(len(pairs), local_batch, config.seed,
                                             dist.rank, dist.world_size).steps_per_epoch
         samples, fingerprint = len(pairs), dataset.fingerprint
     else:  # the cache vouches for the data; the stream checks each sample's key and captions against it
         pieces = math.ceil(local_batch * _sample_bytes(image_cfg, built.model_config, teacher_dim) / PIECE_BYTES)
-        pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, cache),
+        pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, cache,
+                                                          decode=config.decode),
                                       local_batch, config.seed, dist.rank, dist.world_size, config.workers,
                                       config.shuffle_buffer, pieces=pieces)
         steps_per_epoch = pairs.steps_per_epoch(epochs=config.epochs, steps=config.steps)
@@ -388,6 +420,7 @@ def setup(config: TrainConfig) -> Run:
         scheduler=build_scheduler(optimizer, plan.warmup, total_steps),
         scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
         pairs=pairs, normalize=runtime.DeviceNormalize(image_cfg.mean, image_cfg.std, device),
+        decoder=pixels.DeviceDecoder(pairs.builder.renderer, device) if config.decode == "device" else None,
         t_scale=torch.tensor(cache.logit_scale if cache is not None else 1.0, device=device),
         out_dir=out_dir, log_dir=Path(config.log_dir) if config.log_dir else out_dir / "logs",
         trained=[p for g in optimizer.param_groups for p in g["params"]], resume_state=resume_state)
