@@ -96,7 +96,11 @@ def test_device_replay_gives_the_workers_pixels(caches, photo_dataset, tiny_teac
         decoder = DeviceDecoder(encoded.builder.renderer, torch.device("cpu"))
         pairs = encoded
 
-    _decode_images(Run, batch)
+    from rdkd.runtime import HostSyncCounter
+
+    with HostSyncCounter() as counter:  # the main process's decode stays free of host-device syncs
+        _decode_images(Run, batch)
+    assert counter.count == 0, counter.ops
     gap = (batch["image"].int() - on_workers["image"].int()).abs().float()
     assert gap.mean(dim=(1, 2, 3)).max() <= 3.0
 
