@@ -10,8 +10,9 @@
 #      a log record every 10 steps; then, if time is left, batch 1024 with --compile;
 #   5. the web regime (issue #16), when PHOTOS names the folder `bench/photos.py make` wrote
 #      (carry it: scikit-image is not needed there): its web photos tiled into WEB_IMAGES
-#      (20,000) samples, then extract-teacher and train-student at the largest batch on them,
-#      with --preprocess $WEB_PREPROCESS (fast; the student follows the cache);
+#      (20,000) samples, then for each of WEB_DECODES ("workers device") extract-teacher and
+#      train-student at the largest batch on them, with --preprocess $WEB_PREPROCESS (fast;
+#      the student follows the cache) and that --decode;
 # and prints (bench/gpu_summary.py) extraction steady img/s / bare forward img/s, train
 # samples/s (log intervals after the first) / bare step samples/s, the data-wait share, peak
 # GPU memory and the targets (>= 0.85 each). bf16 on CUDA; models random-init (the speed of a
@@ -43,6 +44,7 @@ COMPILE_STEPS=${COMPILE_STEPS:-40}  # train-student --compile at the largest bat
 PHOTOS=${PHOTOS:-}  # bench/photos.py make's folder: the web-regime stages run when set
 WEB_IMAGES=${WEB_IMAGES:-20000}
 WEB_PREPROCESS=${WEB_PREPROCESS:-fast}
+WEB_DECODES=${WEB_DECODES:-workers device}
 WORKERS=${WORKERS:-$(( $(nproc) > 16 ? 16 : $(nproc) ))}
 BARE_ARGS=${BARE_ARGS:-}
 LIMIT_S=${LIMIT_S:-450}
@@ -51,7 +53,7 @@ RESULTS=${OUT:-$WORK/results}
 export COLUMNS=200 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1  # one summary line per stage; no Hub look-ups
 PY=${PYTHON:-python3}
 export DEVICE PRECISION TEACHER STUDENT IMAGES SIZE WORKERS EXTRACT_BATCH TRAIN_BATCHES TRAIN_STEPS LOG_EVERY \
-    COMPILE_STEPS LIMIT_S PHOTOS WEB_IMAGES WEB_PREPROCESS  # recorded in machine.json
+    COMPILE_STEPS LIMIT_S PHOTOS WEB_IMAGES WEB_PREPROCESS WEB_DECODES  # recorded in machine.json
 read -r -a batches <<< "$TRAIN_BATCHES"
 read -r -a steps <<< "$TRAIN_STEPS"
 command -v rdkd >/dev/null || { echo "error: rdkd is not on PATH (bash bench/device_setup.sh)" >&2; exit 2; }
@@ -100,7 +102,7 @@ import json, os, sys
 env = os.environ
 keys = ("DEVICE", "PRECISION", "TEACHER", "STUDENT", "IMAGES", "SIZE", "WORKERS", "EXTRACT_BATCH",
         "TRAIN_BATCHES", "TRAIN_STEPS", "LOG_EVERY", "COMPILE_STEPS", "LIMIT_S", "PHOTOS", "WEB_IMAGES",
-        "WEB_PREPROCESS")
+        "WEB_PREPROCESS", "WEB_DECODES")
 record = {"gpu": env["GPU"], "cpu": env["CPU"], "cpus": int(env["CPUS"]), "torch": env["TORCH"],
           "rdkd_commit": env["COMMIT"], **{k.lower(): env[k] for k in keys}}
 for k in ("images", "size", "workers", "extract_batch", "log_every", "compile_steps", "limit_s", "web_images"):
@@ -150,13 +152,15 @@ if [ -n "$PHOTOS" ]; then
   largest=${batches[-1]}
   run_stage web-data 60 "$PY" "$HERE/photos.py" tile --data "$PHOTOS" --regime web --count "$WEB_IMAGES" \
       --out "$WORK/web"
-  run_stage extract-web 150 rdkd extract-teacher --data "$WORK/web" --model "$TEACHER" \
-      --batch-size "$EXTRACT_BATCH" --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" \
-      --preprocess "$WEB_PREPROCESS" --no-progress --out "$WORK/cache-web"
-  run_stage "train-web-$largest" 150 rdkd train-student --data "$WORK/web" --cache "$WORK/cache-web" \
-      --student "$STUDENT" --loss cliprd --steps "${steps[-1]}" --batch-size "$largest" --precision "$PRECISION" \
-      --workers "$WORKERS" --device "$DEVICE" --log-every "$LOG_EVERY" --save-every 100000 --no-progress \
-      --out "$WORK/train-web-$largest"
+  for decode in $WEB_DECODES; do
+    run_stage "extract-web-$decode" 150 rdkd extract-teacher --data "$WORK/web" --model "$TEACHER" \
+        --batch-size "$EXTRACT_BATCH" --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" \
+        --preprocess "$WEB_PREPROCESS" --decode "$decode" --no-progress --out "$WORK/cache-web-$decode"
+    run_stage "train-web-$decode-$largest" 150 rdkd train-student --data "$WORK/web" \
+        --cache "$WORK/cache-web-$decode" --student "$STUDENT" --loss cliprd --steps "${steps[-1]}" \
+        --batch-size "$largest" --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" --decode "$decode" \
+        --log-every "$LOG_EVERY" --save-every 100000 --no-progress --out "$WORK/train-web-$decode-$largest"
+  done
 fi
 
 # summary, and what comes back: at most 7 files in $RESULTS

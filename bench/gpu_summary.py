@@ -182,8 +182,10 @@ def summarise(work: Path, extract_batch: int, train_batches: list[int]) -> dict:
         figures["ratio"] = rate / bare_step if rate and bare_step else None
         figures["target"] = verdict(figures["ratio"])
         summary["train"][str(batch)] = figures
-    if (work / "extract-web.log").is_file():  # the web regime (issue #16): ratios and host CPU per sample
-        summary["web"] = web_figures(work, bare, extract_batch, train_batches[-1], stages, machine)
+    for decode in str(machine.get("web_decodes") or "").split():  # the web regime (issue #16)
+        if (work / f"extract-web-{decode}.log").is_file():
+            summary.setdefault("web", {})[decode] = web_figures(work, bare, extract_batch, train_batches[-1],
+                                                                 stages, machine, decode)
     compiled = sorted(work.glob("train-*-compile"))
     for run in compiled:
         batch = int(run.name.split("-")[1])
@@ -194,26 +196,28 @@ def summarise(work: Path, extract_batch: int, train_batches: list[int]) -> dict:
     return summary
 
 
-def web_figures(work: Path, bare: list[dict], extract_batch: int, batch: int, stages: dict, machine: dict) -> dict:
+def web_figures(work: Path, bare: list[dict], extract_batch: int, batch: int, stages: dict, machine: dict,
+                decode: str) -> dict:
     """extract-teacher and train-student on the web-regime photos: rate, bare rate, ratio,
     data-wait share and host CPU per sample (the stage's CPU seconds, its workers and its
     start-up included, over the samples it processed)."""
     images = machine.get("web_images")
-    extract = extract_figures(work, "cache-web", "extract-web.log")
+    extract = extract_figures(work, f"cache-web-{decode}", f"extract-web-{decode}.log")
     bare_forward = bare_rate(bare, "teacher_forward", extract_batch)
     steady = extract.get("steady_images_per_second")
     extract.update(bare_forward_images_per_s=bare_forward,
                    ratio=steady / bare_forward if steady and bare_forward else None)
-    cpu = stages.get("extract-web", {}).get("cpu_s")
+    cpu = stages.get(f"extract-web-{decode}", {}).get("cpu_s")
     extract["host_cpu_ms_per_sample"] = 1000 * cpu / images if cpu and images else None
-    train = train_figures(work / f"train-web-{batch}", batch)
+    train = train_figures(work / f"train-web-{decode}-{batch}", batch)
     bare_step = bare_rate(bare, "student_step", batch)
     rate = train.get("samples_per_s")
     train.update(batch=batch, bare_step_samples_per_s=bare_step, ratio=rate / bare_step if rate and bare_step else None)
-    cpu = stages.get(f"train-web-{batch}", {}).get("cpu_s")
+    cpu = stages.get(f"train-web-{decode}-{batch}", {}).get("cpu_s")
     samples = (train.get("last_step") or 0) * batch
     train["host_cpu_ms_per_sample"] = 1000 * cpu / samples if cpu and samples else None
-    return {"preprocess": machine.get("web_preprocess"), "images": images, "extract": extract, "train": train}
+    return {"preprocess": machine.get("web_preprocess"), "decode": decode, "images": images, "extract": extract,
+            "train": train}
 
 
 def print_summary(summary: dict) -> None:
@@ -244,10 +248,10 @@ def print_summary(summary: dict) -> None:
               f"/ bare step {_fmt(tr.get('bare_step_samples_per_s'))} = {_fmt(tr.get('ratio'), '{:.3f}')}  "
               f"target >= {TARGET}: {tr['target']}; data wait {_fmt(tr.get('data_wait_share'), '{:.1%}')}; "
               f"peak GPU memory {_fmt(tr.get('peak_mem_gib'), '{:.1f} GiB')}")
-    if "web" in summary:
-        web = summary["web"]
+    for web in summary.get("web", {}).values():
         ex, tr = web["extract"], web["train"]
-        print(f"web regime ({web.get('images')} photos, --preprocess {web.get('preprocess')}): extract-teacher "
+        print(f"web regime ({web.get('images')} photos, --preprocess {web.get('preprocess')} --decode "
+              f"{web.get('decode')}): extract-teacher "
               f"{_fmt(ex.get('steady_images_per_second'))} img/s / bare {_fmt(ex.get('bare_forward_images_per_s'))} "
               f"= {_fmt(ex.get('ratio'), '{:.3f}')} (target >= 0.9), host CPU "
               f"{_fmt(ex.get('host_cpu_ms_per_sample'), '{:.2f} ms')}/image; train-student batch {tr.get('batch')} "

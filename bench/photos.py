@@ -43,8 +43,8 @@ paths are rdkd's own functions, for each preprocessing (:mod:`rdkd.pixels`, ``ex
 ``fidelity``: image embeddings of every sample of each regime through the ``fast`` path
 against the ``exact`` one, for view 0 (eval view) and one random view (the same box both
 ways): cosine mean / min / 1st percentile per teacher. ``--teacher`` takes a model as
-``rdkd`` does (an open_clip name, random init without ``--pretrained``, or a local-dir /
-export folder), repeatable.
+``rdkd`` does (an open_clip name, random init unless written ``NAME@TAG`` for an
+open_clip pretrained tag, or a local-dir / export folder), repeatable.
 
 ``tile``: a regime's photos repeated, under new keys, into ``--count`` samples in shards of
 5,000 (what ``bench/gpu.sh`` measures on a machine without scikit-image: the decode cost
@@ -240,7 +240,8 @@ def fidelity(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)  # random-init teachers: the same weights on every run
     report = {"teachers": {}}
     for name in args.teacher:
-        loaded = load_clip(parse_model_spec(name))
+        model, _, tag = name.partition("@")
+        loaded = load_clip(parse_model_spec(model, tag or None))
         renderers = {mode: ViewRenderer.of_model(loaded.preprocess, loaded.preprocess_cfg, mode)
                      for mode in ("exact", "fast")}
         normalize = DeviceNormalize(*normalize_of(loaded.preprocess), torch.device("cpu"))
