@@ -187,7 +187,7 @@ def _cached_view(key: str, width: int, height: int):
     return random_view(width, height, view_rng(key, 1, 0), ViewConfig())
 
 
-def paths(samples: list[tuple[str, bytes]]) -> dict:
+def paths() -> dict:
     """name -> function of (key, bytes) that makes one sample's pixels."""
     import open_clip
 
@@ -215,7 +215,7 @@ def time_paths(args: argparse.Namespace) -> dict:
     for regime in args.regimes:
         samples = read_regime(Path(args.data), regime, args.samples)
         report["regimes"][regime] = {}
-        for name, fn in paths(samples).items():
+        for name, fn in paths().items():
             for key, data in samples[:8]:  # warm-up: lazy imports, allocator
                 fn(key, data)
             per_sample = []

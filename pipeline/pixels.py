@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import transforms
 
 from rdkd.errors import SampleError, UserError
@@ -82,7 +81,7 @@ def dct_scale(width: int, height: int, boxes: Sequence[Box], size: tuple[int, in
     (height, width) pixels in the reduced image."""
     out_h, out_w = size
     room = min(min((b[2] - b[0]) / out_w, (b[3] - b[1]) / out_h) for b in boxes)
-    room = min(room, width, height)  # a 1-pixel image cannot shrink
+    room = min(room, width, height)  # and the reduced image keeps at least one pixel a side
     return next((s for s in _DCT_SCALES if room >= s), 1)
 
 

@@ -3,8 +3,9 @@
 - :class:`PairDataset` joins a dataset with a teacher cache by key and yields local
   batches of (image, caption) pairs, built in DataLoader workers: images as uint8 at the
   student's input size (normalise on the device with :class:`rdkd.runtime.DeviceNormalize`:
-  a quarter of float32's bytes cross the process boundary), the captions tokenised, and the
-  teacher rows of exactly those views and captions, gathered with one read per batch and
+  a quarter of float32's bytes cross the process boundary; with ``decode="device"`` the
+  encoded images and their views instead, for :class:`rdkd.pixels.DeviceDecoder`), the
+  captions tokenised, and the teacher rows of exactly those views and captions, gathered with one read per batch and
   shipped in the cache's storage dtype (float16 by default: the exact stored values).
 - :class:`EpochBatchSampler` shards and shuffles deterministically per epoch (seed +
   epoch), and can start in the middle of an epoch, which is what makes resume exact.

@@ -6,7 +6,9 @@ What can be scored (exactly one):
   ``rdkd train-student`` (``local-dir:.../export`` or its folder), the teacher, or any
   third-party open_clip model, encoded on the fly (batched; DataLoader workers decode and
   hand over uint8 pixels, normalised on the device; ``precision`` fp32, or bf16/fp16
-  autocast);
+  autocast). Pixels are made the teacher cache's way (:mod:`rdkd.pixels`: ``exact`` or
+  ``fast``, from ``teacher_cache``, else from the student's ``run.json``, else exact);
+  ``decode="device"`` has the workers hand over the encoded images and the device decode them;
 - a teacher cache (``cache=``): its stored rows (view 0, the teacher's eval view) are scored
   as they are, with nothing recomputed: the images of ``data`` (whose fingerprint must match
   the cache's), or every image of the cache when no ``data`` is given.
