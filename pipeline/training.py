@@ -5,8 +5,9 @@
   student's input size (normalise on the device with :class:`rdkd.runtime.DeviceNormalize`:
   a quarter of float32's bytes cross the process boundary; with ``decode="device"`` the
   encoded images and their views instead, for :class:`rdkd.pixels.DeviceDecoder`), the
-  captions tokenised, and the teacher rows of exactly those views and captions, gathered with one read per batch and
-  shipped in the cache's storage dtype (float16 by default: the exact stored values).
+  captions tokenised, and the teacher rows of exactly those views and captions, gathered
+  with one read per batch and shipped in the cache's storage dtype (float16 by default: the
+  exact stored values).
 - :class:`EpochBatchSampler` shards and shuffles deterministically per epoch (seed +
   epoch), and can start in the middle of an epoch, which is what makes resume exact.
 - the optimizer (open_clip's decay rule), the warm-up + cosine schedule, atomic checkpoint
