@@ -121,6 +121,20 @@ class ViewRenderer:
         [K, 3, H, W], their boxes in original pixels [K, 4] float32 (the eval view's
         filled in), flips [K]. Raises :class:`rdkd.errors.SampleError` for bytes that do
         not decode."""
+        pixels, boxes, flips = self._render(data, views)
+        return torch.stack(pixels), np.array(boxes, dtype=np.float32), np.array(flips, dtype=bool)
+
+    def eval_pixels(self, data: bytes) -> torch.Tensor:
+        """The eval view of one image, uint8 [3, H, W] (what evaluation encodes)."""
+        return self._render(data, _eval_only)[0][0]
+
+    def view_pixels(self, data: bytes, view: View) -> torch.Tensor:
+        """One view of one image, uint8 [3, H, W] (a student's replay of a cached view)."""
+        return self._render(data, lambda width, height: (view,))[0][0]
+
+    def _render(self, data: bytes, views: Callable[[int, int], Sequence[View]]
+                ) -> tuple[list[torch.Tensor], list[tuple[float, ...]], list[bool]]:
+        """:meth:`render` with the views as a list (one view needs no stacking copy)."""
         from rdkd.cache.views import render_view
         from rdkd.data import load_image, open_image
 
@@ -143,15 +157,7 @@ class ViewRenderer:
             pixels = [self._eval(image) if view is None else transforms.functional.pil_to_tensor(
                 render_view(image, box, flip, self.size, self.interpolation))
                 for view, box, flip in zip(wanted, boxes, flips)]
-        return torch.stack(pixels), np.array(boxes, dtype=np.float32), np.array(flips, dtype=bool)
-
-    def eval_pixels(self, data: bytes) -> torch.Tensor:
-        """The eval view of one image, uint8 [3, H, W] (what evaluation encodes)."""
-        return self.render(data, _eval_only)[0][0]
-
-    def view_pixels(self, data: bytes, view: View) -> torch.Tensor:
-        """One view of one image, uint8 [3, H, W] (a student's replay of a cached view)."""
-        return self.render(data, lambda width, height: (view,))[0][0]
+        return pixels, boxes, flips
 
 
 def _eval_only(width: int, height: int) -> tuple[View]:
