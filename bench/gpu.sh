@@ -12,7 +12,8 @@
 #      (carry it: scikit-image is not needed there): its web photos tiled into WEB_IMAGES
 #      (20,000) samples, then for each of WEB_DECODES ("workers device") extract-teacher and
 #      train-student at the largest batch on them, with --preprocess $WEB_PREPROCESS (fast;
-#      the student follows the cache) and that --decode;
+#      the student follows the cache) and that --decode, each also run small first for the
+#      marginal host CPU per sample (SCENES=0 skips stages 2-4 for a run of the web regime alone);
 # and prints (bench/gpu_summary.py) extraction steady img/s / bare forward img/s, train
 # samples/s (log intervals after the first) / bare step samples/s, the data-wait share, peak
 # GPU memory and the targets (>= 0.85 each). bf16 on CUDA; models random-init (the speed of a
@@ -45,9 +46,10 @@ PHOTOS=${PHOTOS:-}  # bench/photos.py make's folder: the web-regime stages run w
 WEB_IMAGES=${WEB_IMAGES:-20000}
 WEB_PREPROCESS=${WEB_PREPROCESS:-fast}
 WEB_DECODES=${WEB_DECODES:-workers device}
+SCENES=${SCENES:-1}  # 0: skip the PNG-scene stages 2-4 (a web-regime run: bare models, then 5)
 WORKERS=${WORKERS:-$(( $(nproc) > 16 ? 16 : $(nproc) ))}
 BARE_ARGS=${BARE_ARGS:-}
-LIMIT_S=${LIMIT_S:-450}
+LIMIT_S=${LIMIT_S:-$([ -n "$PHOTOS" ] && echo 560 || echo 450)}  # 560 with the web regime: under a 600 s call
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/rdkd-gpu-XXXXXX")}
 RESULTS=${OUT:-$WORK/results}
 export COLUMNS=200 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1  # one summary line per stage; no Hub look-ups
@@ -61,10 +63,11 @@ command -v rdkd >/dev/null || { echo "error: rdkd is not on PATH (bash bench/dev
 mkdir -p "$WORK" "$RESULTS"
 deadline=$(( SECONDS + LIMIT_S ))
 
-# CPU seconds (user + system) of this shell's finished children: a stage's host CPU, its
-# DataLoader workers included, is the difference around it.
+# CPU seconds (user + system) of this shell's finished children, from `times` written to a
+# file (a command substitution would run it in a subshell, which has no children): a stage's
+# host CPU, its DataLoader workers included, is the difference around it.
 children_cpu() {
-  times | awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }'
+  awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); printf "%.3f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$1"
 }
 
 # run_stage NAME CAP_S COMMAND...: COMMAND bounded by min(CAP_S, time left), output in
@@ -80,10 +83,12 @@ run_stage() {
     return 1
   fi
   start=$SECONDS
-  cpu_before=$(children_cpu)
+  times > "$WORK/.times-before"
   timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
   rc=$?
-  cpu=$(awk -v a="$cpu_before" -v b="$(children_cpu)" 'BEGIN{printf "%.2f", b - a}')
+  times > "$WORK/.times-after"
+  cpu=$(awk -v a="$(children_cpu "$WORK/.times-before")" -v b="$(children_cpu "$WORK/.times-after")" \
+      'BEGIN{printf "%.2f", b - a}')
   echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( SECONDS - start )), \"cpu_s\": $cpu, \"limit_s\": $limit, \"timed_out\": $([ $rc -eq 124 ] && echo true || echo false)}" >> "$WORK/stages.jsonl"
   echo "[$name] rc $rc in $(( SECONDS - start )) s (limit $limit s): $(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-300)"
   return $rc
@@ -116,6 +121,7 @@ run_stage bare 150 "$PY" "$HERE/bare.py" --device "$DEVICE" --precision "$PRECIS
     --teacher "$TEACHER" --batches "$bare_batches" $BARE_ARGS
 grep '^{' "$WORK/bare.log" > "$WORK/bare.jsonl"
 
+if (( SCENES )); then
 # 2. data: PNG scenes as an open_clip CSV (what the issue measured)
 run_stage demo-data 150 rdkd demo-data --profile quick --image-size "$SIZE" --pretrain 0 --test 0 \
     --zeroshot-per-class 0 --train "$IMAGES" --train-format csv --workers "$WORKERS" --out "$WORK/data"
@@ -146,20 +152,33 @@ if (( COMPILE_STEPS > 0 )); then
     echo "[train-$largest-compile] not run: $(( deadline - SECONDS )) s left (needs 100)"
   fi
 fi
+fi  # SCENES
 
-# 5. the web regime: real-photo JPEGs (bench/photos.py), extraction and the largest batch
+# 5. the web regime: real-photo JPEGs (bench/photos.py), extraction and the largest batch. Each
+#    stage also runs small first (a fifth of the images, a quarter of the steps): the host CPU
+#    per sample is the difference of the two over the difference of their samples, start-up out.
 if [ -n "$PHOTOS" ]; then
   largest=${batches[-1]}
-  run_stage web-data 60 "$PY" "$HERE/photos.py" tile --data "$PHOTOS" --regime web --count "$WEB_IMAGES" \
-      --out "$WORK/web"
-  for decode in $WEB_DECODES; do
-    run_stage "extract-web-$decode" 150 rdkd extract-teacher --data "$WORK/web" --model "$TEACHER" \
+  for size in small full; do
+    [ "$size" = small ] && count=$(( WEB_IMAGES / 5 ))
+    [ "$size" = full ] && count=$WEB_IMAGES
+    run_stage "web-data-$size" 60 "$PY" "$HERE/photos.py" tile --data "$PHOTOS" --regime web --count "$count" \
+        --out "$WORK/web-$size"
+  done
+  web_stages() {  # web_stages DECODE SIZE STEPS: extract-teacher and train-student on web-SIZE
+    local decode=$1 size=$2 n=$3 tag
+    tag=$([ "$size" = small ] && echo "-small" || echo "")
+    run_stage "extract-web-$decode$tag" 150 rdkd extract-teacher --data "$WORK/web-$size" --model "$TEACHER" \
         --batch-size "$EXTRACT_BATCH" --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" \
-        --preprocess "$WEB_PREPROCESS" --decode "$decode" --no-progress --out "$WORK/cache-web-$decode"
-    run_stage "train-web-$decode-$largest" 150 rdkd train-student --data "$WORK/web" \
-        --cache "$WORK/cache-web-$decode" --student "$STUDENT" --loss cliprd --steps "${steps[-1]}" \
+        --preprocess "$WEB_PREPROCESS" --decode "$decode" --no-progress --out "$WORK/cache-web-$decode$tag"
+    run_stage "train-web-$decode-$largest$tag" 150 rdkd train-student --data "$WORK/web-$size" \
+        --cache "$WORK/cache-web-$decode$tag" --student "$STUDENT" --loss cliprd --steps "$n" \
         --batch-size "$largest" --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" --decode "$decode" \
-        --log-every "$LOG_EVERY" --save-every 100000 --no-progress --out "$WORK/train-web-$decode-$largest"
+        --log-every "$LOG_EVERY" --save-every 100000 --no-progress --out "$WORK/train-web-$decode-$largest$tag"
+  }
+  for decode in $WEB_DECODES; do
+    web_stages "$decode" small $(( ${steps[-1]} / 4 > 0 ? ${steps[-1]} / 4 : 1 ))
+    web_stages "$decode" full "${steps[-1]}"
   done
 fi
 

@@ -199,25 +199,35 @@ def summarise(work: Path, extract_batch: int, train_batches: list[int]) -> dict:
 def web_figures(work: Path, bare: list[dict], extract_batch: int, batch: int, stages: dict, machine: dict,
                 decode: str) -> dict:
     """extract-teacher and train-student on the web-regime photos: rate, bare rate, ratio,
-    data-wait share and host CPU per sample (the stage's CPU seconds, its workers and its
-    start-up included, over the samples it processed)."""
+    data-wait share and host CPU per sample: the CPU seconds of the stage (its workers
+    included) minus those of its small run, over the difference of their samples (start-up
+    out); the whole run's CPU over its samples when the small run is missing."""
     images = machine.get("web_images")
     extract = extract_figures(work, f"cache-web-{decode}", f"extract-web-{decode}.log")
     bare_forward = bare_rate(bare, "teacher_forward", extract_batch)
     steady = extract.get("steady_images_per_second")
     extract.update(bare_forward_images_per_s=bare_forward,
                    ratio=steady / bare_forward if steady and bare_forward else None)
-    cpu = stages.get(f"extract-web-{decode}", {}).get("cpu_s")
-    extract["host_cpu_ms_per_sample"] = 1000 * cpu / images if cpu and images else None
+    extract.update(_host_cpu(stages, f"extract-web-{decode}", images, images // 5 if images else None))
     train = train_figures(work / f"train-web-{decode}-{batch}", batch)
+    small = train_figures(work / f"train-web-{decode}-{batch}-small", batch)
     bare_step = bare_rate(bare, "student_step", batch)
     rate = train.get("samples_per_s")
     train.update(batch=batch, bare_step_samples_per_s=bare_step, ratio=rate / bare_step if rate and bare_step else None)
-    cpu = stages.get(f"train-web-{decode}-{batch}", {}).get("cpu_s")
-    samples = (train.get("last_step") or 0) * batch
-    train["host_cpu_ms_per_sample"] = 1000 * cpu / samples if cpu and samples else None
+    train.update(_host_cpu(stages, f"train-web-{decode}-{batch}", (train.get("last_step") or 0) * batch,
+                           (small.get("last_step") or 0) * batch))
     return {"preprocess": machine.get("web_preprocess"), "decode": decode, "images": images, "extract": extract,
             "train": train}
+
+
+def _host_cpu(stages: dict, name: str, samples: int | None, small_samples: int | None) -> dict:
+    full, small = stages.get(name, {}).get("cpu_s"), stages.get(f"{name}-small", {}).get("cpu_s")
+    if full is not None and small is not None and samples and small_samples and samples > small_samples:
+        return {"host_cpu_ms_per_sample": 1000 * (full - small) / (samples - small_samples),
+                "host_cpu_from": "marginal over the small run"}
+    if full is not None and samples:
+        return {"host_cpu_ms_per_sample": 1000 * full / samples, "host_cpu_from": "whole run, start-up included"}
+    return {"host_cpu_ms_per_sample": None, "host_cpu_from": None}
 
 
 def print_summary(summary: dict) -> None:
