@@ -4,6 +4,7 @@ core pays per sample to turn them into model inputs (issue #16).
     python bench/photos.py make [--out artifacts/photos]          # the three regimes, as shards
     python bench/photos.py time [--data artifacts/photos]         # CPU ms per sample, one core
     python bench/photos.py fidelity --teacher PATH [--teacher ViT-B-16]   # fast vs exact embeddings
+    python bench/photos.py e2e [--counts 500 1500]                # extract-teacher CPU per image, web vs 224 px
     python bench/photos.py tile --data artifacts/photos --regime web --count 50000 --out DIR  # for bench/gpu.sh
 
 ``make``: the sources are scikit-image's sample photos (``skimage/data``: astronaut,
@@ -45,6 +46,12 @@ against the ``exact`` one, for view 0 (eval view) and one random view (the same 
 ways): cosine mean / min / 1st percentile per teacher. ``--teacher`` takes a model as
 ``rdkd`` does (an open_clip name, random init unless written ``NAME@TAG`` for an
 open_clip pretrained tag, or a local-dir / export folder), repeatable.
+
+``e2e``: what a web JPEG costs ``rdkd extract-teacher`` end to end over the same photo
+already at 224 px: the CLI with a tiny 224 px ViT (so that the feed dominates),
+``--workers 0``, one thread, run at ``--counts`` N1 and N2 images of the web regime
+(tiled) and of its photos resized and centre-cropped to 224 x 224 (JPEG q90); the marginal
+CPU per image is (CPU(N2) - CPU(N1)) / (N2 - N1), start-up out. For ``exact`` and ``fast``.
 
 ``tile``: a regime's photos repeated, under new keys, into ``--count`` samples in shards of
 5,000 (what ``bench/gpu.sh`` measures on a machine without scikit-image: the decode cost
@@ -145,19 +152,74 @@ def make(args: argparse.Namespace) -> dict:
 
 
 def tile(args: argparse.Namespace) -> dict:
-    samples = read_regime(Path(args.data), args.regime)
-    out = Path(args.out)
+    write_tiled(read_regime(Path(args.data), args.regime), args.count, Path(args.out))
+    print(f"{args.count} samples of {args.data}/{args.regime} in {args.out}")
+    return {}
+
+
+TINY_224 = {"embed_dim": 64, "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32,
+                                            "patch_size": 32},
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+
+
+def e2e(args: argparse.Namespace) -> dict:
+    import resource
+    import sys
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="rdkd-e2e-", dir=args.tmp))
+    model = work / "tiny-224.json"
+    model.write_text(json.dumps(TINY_224))
+    photos = read_regime(Path(args.data), "web")
+    at_224 = []
+    for key, data in photos:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        scale = 224 / min(image.size)
+        image = image.resize((max(224, round(image.width * scale)), max(224, round(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+        left, top = (image.width - 224) // 2, (image.height - 224) // 2
+        buffer = io.BytesIO()
+        image.crop((left, top, left + 224, top + 224)).save(buffer, "JPEG", quality=90)
+        at_224.append((key, buffer.getvalue()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    rdkd = [sys.executable, "-m", "rdkd.cli"]
+    report: dict = {"counts": args.counts, "model": TINY_224, "ms_per_image": {}}
+    for name, samples, preprocess in (("web exact", photos, "exact"), ("web fast", photos, "fast"),
+                                      ("224 px exact", at_224, "exact")):
+        cpu = []
+        for count in args.counts:
+            folder = work / f"{name.replace(' ', '-')}-{count}"
+            write_tiled(samples, count, folder)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run(rdkd + ["extract-teacher", "--data", str(folder), "--model", str(model), "--workers", "0",
+                                   "--batch-size", "64", "--device", "cpu", "--preprocess", preprocess,
+                                   "--no-progress", "--out", str(folder / "cache")], check=True, env=env,
+                           capture_output=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        ms = 1000 * (cpu[1] - cpu[0]) / (args.counts[1] - args.counts[0])
+        report["ms_per_image"][name] = ms
+        print(f"extract-teacher, {name:13s}: {ms:.2f} ms CPU per image (marginal, {args.counts[0]} -> "
+              f"{args.counts[1]} images)", flush=True)
+    ms = report["ms_per_image"]
+    for mode in ("exact", "fast"):
+        extra = ms[f"web {mode}"] - ms["224 px exact"]
+        report[f"web_over_224_{mode}_ms"] = extra
+        print(f"a web JPEG costs extract-teacher {extra:.2f} ms more than the photo at 224 px ({mode})")
+    return report
+
+
+def write_tiled(samples: list[tuple[str, bytes]], count: int, out: Path) -> None:
+    """``count`` webdataset samples cycling through ``samples`` under new keys, in shards of 5,000."""
     out.mkdir(parents=True, exist_ok=True)
-    for start in range(0, args.count, 5000):
+    for start in range(0, count, 5000):
         with tarfile.open(out / f"{start // 5000:05d}.tar", "w") as tar:
-            for i in range(start, min(start + 5000, args.count)):
+            for i in range(start, min(start + 5000, count)):
                 key, data = samples[i % len(samples)]
                 for suffix, payload in ((".jpg", data), (".txt", f"photo {key}".encode())):
                     info = tarfile.TarInfo(f"{i:07d}{suffix}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    print(f"{args.count} samples of {args.data}/{args.regime} in {out}")
-    return {}
 
 
 def read_regime(data: Path, regime: str, limit: int | None = None) -> list[tuple[str, bytes]]:
@@ -290,6 +352,11 @@ def main() -> None:
     p.add_argument("--regime", default="web", choices=list(REGIMES))
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("e2e", help="extract-teacher's marginal CPU per image: web JPEG against 224 px")
+    p.add_argument("--data", default="artifacts/photos")
+    p.add_argument("--counts", type=int, nargs=2, default=[500, 1500])
+    p.add_argument("--tmp", default=None, help="where the tiled shards and caches go (default: the system's)")
+    p.add_argument("--json", default=None)
     for name, help_text in (("time", "CPU ms per sample"), ("fidelity", "fast vs exact embeddings")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--data", default="artifacts/photos")
@@ -301,8 +368,8 @@ def main() -> None:
         else:
             p.add_argument("--teacher", action="append", required=True)
     args = parser.parse_args()
-    report = {"make": make, "tile": tile, "time": time_paths, "fidelity": fidelity}[args.command](args)
-    if args.command in ("time", "fidelity"):
+    report = {"make": make, "tile": tile, "time": time_paths, "fidelity": fidelity, "e2e": e2e}[args.command](args)
+    if args.command in ("time", "fidelity", "e2e"):
         report["machine"] = machine()
         out = Path(args.json or HERE / "results" / f"photos-{args.command}.json")
         out.write_text(json.dumps(report, indent=1) + "\n")
