@@ -564,6 +564,8 @@ def evaluate(
         results.update({f"zeroshot/{zs.task.name}/{k}": v for k, v in zs_metrics.items()})
         per_class_tables[zs.task.name] = list(zip(zs.classnames, per_class_acc.tolist()))
 
+    if encoder is not None and encoder.decoder is not None:  # --decode device: images the CPU path decoded
+        info["device_decode_fallbacks"] = encoder.decoder.fallbacks
     run = _run_labels(model, scored_cache, run_info, dim)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)

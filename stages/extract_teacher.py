@@ -806,6 +806,7 @@ def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejec
     forward = TeacherForward(job.loaded, job.device, config.precision)
     show = config.progress and job.rank == 0
     batches = iter(_loader(job, live))
+    decoder = None
     if config.decode == "device":
         decoder = pixels.DeviceDecoder(TeacherInputs(job.dataset, job.loaded, config.views, config.preprocess).renderer,
                                        job.device)
@@ -819,6 +820,9 @@ def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejec
             if written is not None and job.world == 1:
                 limit.check(job.root, index_rejects + assembler.rejects, partial=True)
             advance(done.batch.entries)
+    if decoder is not None and decoder.fallbacks:
+        console.print(f"--decode device: {decoder.fallbacks} image(s) decoded on the CPU path instead "
+                      f"(not JPEG, or refused by the device's decoder)")
     return assembler.images, clock
 
 

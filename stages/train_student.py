@@ -587,6 +587,8 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
         "checkpoint": str(progress.last_checkpoint) if progress.last_checkpoint else None,
         "export": str(run.out_dir / "export"),
     }
+    if run.decoder is not None:  # --decode device: images this rank decoded on the CPU path (not JPEG, refused)
+        summary["device_decode_fallbacks"] = run.decoder.fallbacks
     preprocess = run.pairs.builder.preprocess
     if preprocess != "exact":  # recorded for evaluate; absent means exact, as in a cache
         summary[pixels.MANIFEST_FIELD] = preprocess

@@ -114,6 +114,7 @@ def test_train_and_evaluate_run_with_device_decoding(tmp_path, caches, photo_dat
     summary = train_student(photo_dataset, str(student), "cliprd", caches["device"], steps=2, batch_size=4,
                             workers=0, device="cpu", decode="device", out=str(tmp_path / "run"), progress=False)
     assert summary["image_preprocess"] == "fast" and summary["decode"] == "device"
+    assert summary["device_decode_fallbacks"] >= 1  # the PNGs and WebPs of the dataset
     from rdkd.models import parse_model_spec
 
     model = parse_model_spec(str(tmp_path / "run" / "export"))
@@ -121,6 +122,9 @@ def test_train_and_evaluate_run_with_device_decoding(tmp_path, caches, photo_dat
                                teacher_cache=caches["device"], workers=0, device="cpu", decode=decode,
                                progress=False) for decode in ("workers", "device")}
     assert scores["device"]["retrieval/skipped"] == scores["workers"]["retrieval/skipped"] == 1
+    info = json.loads((tmp_path / "device" / "evaluation.json").read_text())
+    assert info["device_decode_fallbacks"] == 5 and info["image_preprocess"] == "fast"  # 2 PNG, 2 WebP, the cut JPEG
+    assert "device_decode_fallbacks" not in json.loads((tmp_path / "workers" / "evaluation.json").read_text())
     assert abs(scores["device"]["retrieval/i2t_r1"] - scores["workers"]["retrieval/i2t_r1"]) <= 1 / 8
 
 
