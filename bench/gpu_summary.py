@@ -62,13 +62,13 @@ def _find_key(value: Any, key: str) -> Any:
     return None
 
 
-def extract_figures(work: Path) -> dict:
+def extract_figures(work: Path, cache: str = "cache", log_name: str = "extract.log") -> dict:
     """Steady-state and whole-run images/s of extract-teacher: from a JSON file the stage
     wrote (any ``*.json`` in the cache folder holding ``steady_images_per_second``), else
     from its printed summary line (numbers before ``images/s``/``img/s``; the one nearest
     the word ``steady`` is the steady rate)."""
     found: dict[str, Any] = {"steady_images_per_second": None, "images_per_second": None, "source": None}
-    for path in sorted((work / "cache").glob("**/*.json")) if (work / "cache").is_dir() else []:
+    for path in sorted((work / cache).glob("**/*.json")) if (work / cache).is_dir() else []:
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
@@ -79,14 +79,14 @@ def extract_figures(work: Path) -> dict:
             found.update(steady_images_per_second=float(steady), source=str(path.relative_to(work)),
                          images_per_second=float(whole) if isinstance(whole, (int, float)) else None)
             return found
-    log = work / "extract.log"
+    log = work / log_name
     lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
     rate_lines = [line for line in lines if re.search(r"(images|img)/s", line)]
     if not rate_lines:
         return found
     line = next((line for line in reversed(rate_lines) if "steady" in line.lower()), rate_lines[-1])
     found["line"] = line.strip()
-    found["source"] = "extract.log"
+    found["source"] = log_name
     rates = [(m.start(), float(m.group(1).replace(",", ""))) for m in
              re.finditer(NUMBER + r"\s*(?:images|img)/s", line)]
     steady_at = [m.start() for m in re.finditer("steady", line, re.IGNORECASE)]
@@ -182,6 +182,10 @@ def summarise(work: Path, extract_batch: int, train_batches: list[int]) -> dict:
         figures["ratio"] = rate / bare_step if rate and bare_step else None
         figures["target"] = verdict(figures["ratio"])
         summary["train"][str(batch)] = figures
+    for decode in str(machine.get("web_decodes") or "").split():  # the web regime (issue #16)
+        if (work / f"extract-web-{decode}.log").is_file():
+            summary.setdefault("web", {})[decode] = web_figures(work, bare, extract_batch, train_batches[-1],
+                                                                 stages, machine, decode)
     compiled = sorted(work.glob("train-*-compile"))
     for run in compiled:
         batch = int(run.name.split("-")[1])
@@ -190,6 +194,40 @@ def summarise(work: Path, extract_batch: int, train_batches: list[int]) -> dict:
         figures["over_eager"] = figures["samples_per_s"] / eager if figures.get("samples_per_s") and eager else None
         summary["train"][f"{batch}-compile"] = figures
     return summary
+
+
+def web_figures(work: Path, bare: list[dict], extract_batch: int, batch: int, stages: dict, machine: dict,
+                decode: str) -> dict:
+    """extract-teacher and train-student on the web-regime photos: rate, bare rate, ratio,
+    data-wait share and host CPU per sample: the CPU seconds of the stage (its workers
+    included) minus those of its small run, over the difference of their samples (start-up
+    out); the whole run's CPU over its samples when the small run is missing."""
+    images = machine.get("web_images")
+    extract = extract_figures(work, f"cache-web-{decode}", f"extract-web-{decode}.log")
+    bare_forward = bare_rate(bare, "teacher_forward", extract_batch)
+    steady = extract.get("steady_images_per_second")
+    extract.update(bare_forward_images_per_s=bare_forward,
+                   ratio=steady / bare_forward if steady and bare_forward else None)
+    extract.update(_host_cpu(stages, f"extract-web-{decode}", images, images // 5 if images else None))
+    train = train_figures(work / f"train-web-{decode}-{batch}", batch)
+    small = train_figures(work / f"train-web-{decode}-{batch}-small", batch)
+    bare_step = bare_rate(bare, "student_step", batch)
+    rate = train.get("samples_per_s")
+    train.update(batch=batch, bare_step_samples_per_s=bare_step, ratio=rate / bare_step if rate and bare_step else None)
+    train.update(_host_cpu(stages, f"train-web-{decode}-{batch}", (train.get("last_step") or 0) * batch,
+                           (small.get("last_step") or 0) * batch))
+    return {"preprocess": machine.get("web_preprocess"), "decode": decode, "images": images, "extract": extract,
+            "train": train}
+
+
+def _host_cpu(stages: dict, name: str, samples: int | None, small_samples: int | None) -> dict:
+    full, small = stages.get(name, {}).get("cpu_s"), stages.get(f"{name}-small", {}).get("cpu_s")
+    if full is not None and small is not None and samples and small_samples and samples > small_samples:
+        return {"host_cpu_ms_per_sample": 1000 * (full - small) / (samples - small_samples),
+                "host_cpu_from": "marginal over the small run"}
+    if full is not None and samples:
+        return {"host_cpu_ms_per_sample": 1000 * full / samples, "host_cpu_from": "whole run, start-up included"}
+    return {"host_cpu_ms_per_sample": None, "host_cpu_from": None}
 
 
 def print_summary(summary: dict) -> None:
@@ -220,6 +258,16 @@ def print_summary(summary: dict) -> None:
               f"/ bare step {_fmt(tr.get('bare_step_samples_per_s'))} = {_fmt(tr.get('ratio'), '{:.3f}')}  "
               f"target >= {TARGET}: {tr['target']}; data wait {_fmt(tr.get('data_wait_share'), '{:.1%}')}; "
               f"peak GPU memory {_fmt(tr.get('peak_mem_gib'), '{:.1f} GiB')}")
+    for web in summary.get("web", {}).values():
+        ex, tr = web["extract"], web["train"]
+        print(f"web regime ({web.get('images')} photos, --preprocess {web.get('preprocess')} --decode "
+              f"{web.get('decode')}): extract-teacher "
+              f"{_fmt(ex.get('steady_images_per_second'))} img/s / bare {_fmt(ex.get('bare_forward_images_per_s'))} "
+              f"= {_fmt(ex.get('ratio'), '{:.3f}')} (target >= 0.9), host CPU "
+              f"{_fmt(ex.get('host_cpu_ms_per_sample'), '{:.2f} ms')}/image; train-student batch {tr.get('batch')} "
+              f"{_fmt(tr.get('samples_per_s'))} samples/s / bare {_fmt(tr.get('bare_step_samples_per_s'))} = "
+              f"{_fmt(tr.get('ratio'), '{:.3f}')}, data wait {_fmt(tr.get('data_wait_share'), '{:.1%}')}, host CPU "
+              f"{_fmt(tr.get('host_cpu_ms_per_sample'), '{:.2f} ms')}/sample")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from rdkd import pixels
 from rdkd.cache.reader import TeacherCache
 from rdkd.errors import UserError
 
@@ -36,8 +37,8 @@ def print_info(path: Path, console: Console | None = None) -> None:
         ("logit scale", f"{cache.logit_scale:.4g}"),
         ("embeddings", f"dim {m['dim']}, stored as {m['storage_dtype']}, L2-normalised; "
                        f"computed in {m.get('precision', '?')}"),
-        ("preprocess", f"{pre.get('size')} px, {pre.get('resize_mode')}, {pre.get('interpolation')}, "
-                       f"mean {pre.get('mean')}, std {pre.get('std')}"),
+        ("preprocess", f"{pixels.mode_of(m)}: {pre.get('size')} px, {pre.get('resize_mode')}, "
+                       f"{pre.get('interpolation')}, mean {pre.get('mean')}, std {pre.get('std')}"),
         ("views", f"{cache.views} per image (view 0: eval view"
                   + (f"; others: crop scale {views.get('scale')}, flip p {views.get('flip_prob')}, "
                      f"seed {views.get('seed')})" if cache.views > 1 else ")")),

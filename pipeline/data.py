@@ -192,23 +192,36 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     own data loaders. Images above ``max_pixels`` are refused from the header alone,
     before any pixel is decoded.
     """
+    return load_image(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image's header read, no pixel decoded yet (size, mode; a JPEG may still be told
+    to decode at reduced size with ``draft``), or :class:`SampleError`. Finish with
+    :func:`load_image`; :func:`decode_image` is both."""
     if not data:
         raise SampleError("empty image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise SampleError(f"image too large: {width}x{height} pixels (limit {max_pixels})")
-            image.load()
-    except SampleError:
-        raise
     except Image.DecompressionBombError as err:
         raise SampleError(f"image too large: {err}") from None
     except UnidentifiedImageError:
         raise SampleError("not an image") from None
     except Exception as err:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error, ...) on bad bytes
+        raise SampleError(f"truncated or corrupt image: {err or type(err).__name__}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise SampleError(f"image too large: {width}x{height} pixels (limit {max_pixels})")
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """The pixels of an image from :func:`open_image`, as RGB (:func:`to_rgb`), or :class:`SampleError`."""
+    try:
+        image.load()
+    except Exception as err:  # as in open_image: PIL's decoders raise many types
         raise SampleError(f"truncated or corrupt image: {err or type(err).__name__}") from None
     return to_rgb(image)
 

@@ -117,13 +117,13 @@ class DeviceNormalize:
         return self.table[pixels.int() + self.offsets]
 
 
-def decode_or_reason(read_bytes: Callable[[], bytes], transform: Callable[[Image.Image], T]
+def decode_or_reason(read_bytes: Callable[[], bytes], render: Callable[[bytes], T]
                      ) -> tuple[T | None, str | None]:
-    """(transformed image, None), or (None, reason) for a sample that cannot be read or
+    """(``render(bytes)``, None), or (None, reason) for a sample that cannot be read or
     decoded: what a DataLoader item returns so that a bad sample is skipped, not fatal.
-    Errors of the transform itself are not samples' faults and propagate."""
-    from rdkd.data import decode_image
-
+    ``render`` decodes (e.g. :meth:`rdkd.pixels.ViewRenderer.render`) and raises
+    :class:`SampleError` for bytes that do not; its other errors are not the sample's
+    fault and propagate."""
     try:
         data = read_bytes()
     except SampleError as err:
@@ -131,10 +131,9 @@ def decode_or_reason(read_bytes: Callable[[], bytes], transform: Callable[[Image
     except Exception as err:  # storage libraries raise their own types; one odd sample must not end a run
         return None, f"unreadable image: {type(err).__name__}: {err}"
     try:
-        image = decode_image(data)
+        return render(data), None
     except SampleError as err:
         return None, err.reason
-    return transform(image), None
 
 
 def prefetch_factor(batch_bytes: int, workers: int, budget_bytes: int) -> int | None:

@@ -3,9 +3,11 @@
 - :class:`PairDataset` joins a dataset with a teacher cache by key and yields local
   batches of (image, caption) pairs, built in DataLoader workers: images as uint8 at the
   student's input size (normalise on the device with :class:`rdkd.runtime.DeviceNormalize`:
-  a quarter of float32's bytes cross the process boundary), the captions tokenised, and the
-  teacher rows of exactly those views and captions, gathered with one read per batch and
-  shipped in the cache's storage dtype (float16 by default: the exact stored values).
+  a quarter of float32's bytes cross the process boundary; with ``decode="device"`` the
+  encoded images and their views instead, for :class:`rdkd.pixels.DeviceDecoder`), the
+  captions tokenised, and the teacher rows of exactly those views and captions, gathered
+  with one read per batch and shipped in the cache's storage dtype (float16 by default: the
+  exact stored values).
 - :class:`EpochBatchSampler` shards and shuffles deterministically per epoch (seed +
   epoch), and can start in the middle of an epoch, which is what makes resume exact.
 - the optimizer (open_clip's decay rule), the warm-up + cosine schedule, atomic checkpoint
@@ -34,7 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from rdkd import checkpoints
+from rdkd import checkpoints, pixels
 from rdkd.errors import Diverged, SampleError, UserError
 from rdkd.files import atomic_write, writing
 from rdkd.runtime import uint8_transform
@@ -96,29 +98,35 @@ class PairBuilder:
     (caption, then view or crop), ``index`` being the sample's dataset entry. View 0 of a
     cache is the teacher's open_clip eval view; the student's own eval transform shows the
     same region when both resize the same way, so it replays it exactly (at the student's
-    size). Other views: the recorded crop box and flip. Without a cache: open_clip's train
-    transform with CLIP-KD's crop scale.
+    size). Other views: the recorded crop box and flip. Both are made the cache's way
+    (:class:`rdkd.pixels.ViewRenderer`, ``exact`` or ``fast`` as its manifest says). Without a
+    cache: open_clip's train transform with CLIP-KD's crop scale.
     """
 
     def __init__(self, tokenizer: Callable, image_cfg: ImageCfg, seed: int, cache: Any = None,
-                 crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE):
+                 crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, decode: str = "workers"):
         self.tokenizer = tokenizer
+        # device: samples carry their encoded image and view, for a DeviceDecoder in the main process
+        self.encoded = pixels.check_decode(decode) == "device"
+        if self.encoded and (cache is None or pixels.mode_of(cache.manifest) != "fast"):
+            raise UserError("--decode device replays the views of a fast cache (extract-teacher --preprocess fast)")
         self.image_cfg = image_cfg
         self.seed = int(seed)
         self.cache = cache
         self._eval_view0 = cache is not None and (
             cache.manifest.get("preprocess", {}).get("resize_mode") or "shortest") == image_cfg.resize_mode
-        # Built lazily (and per worker): open_clip's train and eval transforms with the
-        # student's size, mean and std (train: CLIP-KD's crop scale).
+        # the cache's way of making pixels (exact without a cache: open_clip's train transform)
+        self.preprocess = pixels.mode_of(cache.manifest) if cache is not None else pixels.DEFAULT_MODE
+        # Built lazily (and per worker): open_clip's train transform (CLIP-KD's crop scale)
+        # and the view renderer, with the student's size, mean and std.
         self._crop_scale = crop_scale
         self._augment = None
-        self._eval = None
-        self._to_uint8 = None
+        self._renderer = None
 
     def __getstate__(self) -> dict:
         """Picklable for spawn/forkserver DataLoader workers: the memory-mapped cache is
         reopened from its folder in the worker, the transforms are rebuilt there."""
-        state = dict(self.__dict__, _augment=None, _eval=None, _to_uint8=None)
+        state = dict(self.__dict__, _augment=None, _renderer=None)
         if self.cache is not None:
             state["cache"] = None
             state["_cache_root"] = str(self.cache.root)
@@ -134,19 +142,30 @@ class PairBuilder:
 
             self.cache = TeacherCache.open(root, check=check)
 
+    @property
+    def renderer(self) -> pixels.ViewRenderer:
+        """The student's eval view and the cache's views at the student's size, made the cache's way."""
+        if self._renderer is None:
+            import open_clip
+
+            cfg = self.image_cfg
+            eval_transform = open_clip.image_transform(cfg.size, is_train=False, mean=cfg.mean, std=cfg.std,
+                                                       interpolation=cfg.interpolation, resize_mode=cfg.resize_mode)
+            self._renderer = pixels.ViewRenderer(eval_transform, cfg.size, cfg.interpolation, cfg.resize_mode,
+                                                 self.preprocess)
+        return self._renderer
+
     def sample(self, epoch: int, index: int, captions: Sequence[str], image_bytes: bytes,
                rows: tuple[int, int, int] | None = None) -> dict:
         """One sample: uint8 image, tokens, ``index``, cache rows (-1 without a cache).
         ``rows``: (first image row, view rows, first caption row) of the sample in the
         cache. Raises :class:`SampleError` when the image does not decode."""
-        from rdkd.cache.views import render_view
         from rdkd.data import decode_image
 
         rng = sample_rng(self.seed, epoch, index)
         caption_choice = int(rng.integers(len(captions)))
-        image = decode_image(image_bytes)
         if rows is None:
-            pixels = self._augmented(image, int(rng.integers(2**63 - 1)))
+            image_pixels = self._augmented(decode_image(image_bytes), int(rng.integers(2**63 - 1)))
             image_row = text_row = -1
         else:
             start, count, text_start = rows
@@ -154,23 +173,30 @@ class PairBuilder:
             image_row = int(start + view)
             text_row = int(text_start + caption_choice)
             if view == 0 and self._eval_view0:
-                pixels = self._evaluated(image)
+                chosen = None
             else:
                 box, flip = self.cache.view_params(np.asarray([image_row], dtype=np.int64))
-                pixels = self._uint8(render_view(image, box[0].tolist(), bool(flip[0]),
-                                                 self.image_cfg.size, self.image_cfg.interpolation))
+                chosen = (box[0].tolist(), bool(flip[0]))
+            if self.encoded:
+                text = self.tokenizer([captions[caption_choice]])[0]
+                return {"image": pixels.checked_bytes(image_bytes), "view": chosen, "text": text, "index": index,
+                        "image_row": image_row, "text_row": text_row}
+            image_pixels = self.renderer.view_pixels(image_bytes, chosen)
         text = self.tokenizer([captions[caption_choice]])[0]
-        return {"image": pixels, "text": text, "index": index,
+        return {"image": image_pixels, "text": text, "index": index,
                 "image_row": image_row, "text_row": text_row}
 
     def collate(self, samples: Sequence[dict], skipped: list[tuple[str, str]]) -> dict:
         """A local batch (the format of the module docstring) with the teacher rows of
         exactly its views and captions: one read per batch, in storage dtype. The images go
         into one buffer, in shared memory inside a DataLoader worker (no copy on hand-over)."""
-        height, width = self.image_cfg.size
-        images = _batch_buffer((len(samples), 3, height, width), torch.uint8)
-        for i, sample in enumerate(samples):
-            images[i] = sample["image"]
+        if self.encoded:  # the encoded images and their views (None: the eval view), host lists
+            images = [s["image"] for s in samples]
+        else:
+            height, width = self.image_cfg.size
+            images = _batch_buffer((len(samples), 3, height, width), torch.uint8)
+            for i, sample in enumerate(samples):
+                images[i] = sample["image"]
         batch = {
             "image": images,
             "text": torch.stack([s["text"] for s in samples]),
@@ -179,6 +205,9 @@ class PairBuilder:
             "text_row": torch.tensor([s["text_row"] for s in samples], dtype=torch.int64),
             "skipped": skipped,
         }
+        if self.encoded:
+            batch["view"] = [s["view"] for s in samples]
+            batch["host_index"] = [s["index"] for s in samples]
         if self.cache is not None:
             batch["t_img"] = self.cache.image_embeddings(batch["image_row"].numpy(), stored=True)
             batch["t_txt"] = self.cache.text_embeddings(batch["text_row"].numpy(), stored=True)
@@ -197,24 +226,6 @@ class PairBuilder:
             torch.manual_seed(torch_seed)
             return self._augment(image)
 
-    def _evaluated(self, image: Image.Image) -> torch.Tensor:
-        """open_clip's eval transform (up to uint8) at the student's size."""
-        if self._eval is None:
-            import open_clip
-
-            cfg = self.image_cfg
-            self._eval = uint8_transform(open_clip.image_transform(
-                cfg.size, is_train=False, mean=cfg.mean, std=cfg.std,
-                interpolation=cfg.interpolation, resize_mode=cfg.resize_mode))
-        return self._eval(image)
-
-    def _uint8(self, view: Image.Image) -> torch.Tensor:
-        if self._to_uint8 is None:
-            from torchvision import transforms
-
-            self._to_uint8 = transforms.PILToTensor()
-        return self._to_uint8(view)
-
 
 class PairDataset(torch.utils.data.Dataset):
     """(image, caption) training pairs of a dataset, joined by key with a teacher cache.
@@ -231,9 +242,9 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data: Any, tokenizer: Callable, image_cfg: ImageCfg, seed: int,
-                 cache: Any = None, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE):
+                 cache: Any = None, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, decode: str = "workers"):
         self.data = data
-        self.builder = PairBuilder(tokenizer, image_cfg, seed, cache, crop_scale)
+        self.builder = PairBuilder(tokenizer, image_cfg, seed, cache, crop_scale, decode)
         self.image_cfg = image_cfg
         self.skipped_at_join: dict[str, int] = {}
         if cache is None:

@@ -6,7 +6,9 @@ What can be scored (exactly one):
   ``rdkd train-student`` (``local-dir:.../export`` or its folder), the teacher, or any
   third-party open_clip model, encoded on the fly (batched; DataLoader workers decode and
   hand over uint8 pixels, normalised on the device; ``precision`` fp32, or bf16/fp16
-  autocast);
+  autocast). Pixels are made the teacher cache's way (:mod:`rdkd.pixels`: ``exact`` or
+  ``fast``, from ``teacher_cache``, else from the student's ``run.json``, else exact);
+  ``decode="device"`` has the workers hand over the encoded images and the device decode them;
 - a teacher cache (``cache=``): its stored rows (view 0, the teacher's eval view) are scored
   as they are, with nothing recomputed: the images of ``data`` (whose fingerprint must match
   the cache's), or every image of the cache when no ``data`` is given.
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -57,7 +60,7 @@ import numpy as np
 import torch
 
 from rdkd import metrics as M
-from rdkd import runtime
+from rdkd import pixels, runtime
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_csv, atomic_write_json
@@ -265,14 +268,17 @@ class _DecodedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        pixels, reason = runtime.decode_or_reason(partial(self.source.read_image_bytes, i), self.to_pixels)
-        return i, pixels, reason
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | bytes | None, str | None]:
+        image, reason = runtime.decode_or_reason(partial(self.source.read_image_bytes, i), self.to_pixels)
+        return i, image, reason
 
 
-def _collate(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+def _collate(batch: list) -> tuple[list[int], torch.Tensor | list[bytes] | None, list[tuple[int, str]]]:
+    """Entries, their pixels stacked (or their encoded bytes, for the device to decode), the rest's reasons."""
     good = [(i, x) for i, x, _ in batch if x is not None]
     bad = [(i, reason) for i, x, reason in batch if x is None]
+    if good and isinstance(good[0][1], bytes):
+        return [i for i, _ in good], [x for _, x in good], bad
     return [i for i, _ in good], (torch.stack([x for _, x in good]) if good else None), bad
 
 
@@ -282,10 +288,11 @@ class _Encoder:
     device until a pass ends (no wait on the device per batch)."""
 
     def __init__(self, loaded, device: torch.device, precision: str, batch_size: int, workers: int,
-                 show_progress: bool):
+                 show_progress: bool, preprocess: str = pixels.DEFAULT_MODE, decode: str = "workers"):
         self.loaded, self.device, self.precision = loaded, device, precision
         self.batch_size, self.workers, self.show_progress = batch_size, workers, show_progress
-        self.to_pixels = runtime.uint8_transform(loaded.preprocess)
+        self.renderer = pixels.ViewRenderer.of_model(loaded.preprocess, loaded.preprocess_cfg, preprocess)
+        self.decoder = pixels.DeviceDecoder(self.renderer, device) if decode == "device" else None
         self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
 
     @contextlib.contextmanager
@@ -297,15 +304,23 @@ class _Encoder:
     def images(self, source: Any, description: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """(embeddings of the readable images, their entry indices, (entry, reason) of the others)."""
         loader = torch.utils.data.DataLoader(
-            _DecodedImages(source, self.to_pixels), batch_size=self.batch_size, num_workers=self.workers,
+            _DecodedImages(source, self.renderer.eval_pixels if self.decoder is None else pixels.checked_bytes),
+            batch_size=self.batch_size, num_workers=self.workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda",
         )
         chunks, kept, bad = [], [], []
         with runtime.progress(self.show_progress, description, len(source)) as advance, self.compute():
-            for indices, pixels, rejects in loader:
-                if pixels is not None:
-                    pixels = self.normalize(pixels.to(self.device, non_blocking=True))
-                    chunks.append(self.loaded.model.encode_image(pixels, normalize=True).float())
+            for indices, images, rejects in loader:
+                if isinstance(images, list):  # encoded: decoded on the device; what no path decodes is skipped
+                    images, failed = self.decoder.decode(images, [[None]] * len(images))
+                    if failed:
+                        lost = {i for i, _ in failed}
+                        rejects = rejects + [(indices[i], reason) for i, reason in failed]
+                        images = images[[i for i in range(len(indices)) if i not in lost]]
+                        indices = [entry for i, entry in enumerate(indices) if i not in lost]
+                if images is not None and len(indices):
+                    images = self.normalize(images.to(self.device, non_blocking=True))
+                    chunks.append(self.loaded.model.encode_image(images, normalize=True).float())
                     kept.extend(indices)
                 bad.extend(rejects)
                 advance(len(indices) + len(rejects))
@@ -380,9 +395,8 @@ def _open_cache_for(path: str | Path, dataset, role: str):
 # --- run info -------------------------------------------------------------------------------
 
 
-def _discover_run_info(spec) -> RunLabels | None:
-    """The labels in the ``run.json`` of a ``rdkd train-student`` run whose export ``spec``
-    points into; None when there is none (or it is no train-student run's)."""
+def _run_file(spec) -> Path | None:
+    """The ``run.json`` of a ``rdkd train-student`` run whose export ``spec`` points into."""
     candidates = [spec.config, spec.pretrained]
     if spec.name and spec.name.startswith("local-dir:"):
         candidates.append(spec.name[len("local-dir:"):])
@@ -392,13 +406,32 @@ def _discover_run_info(spec) -> RunLabels | None:
             continue
         folder = path if path.is_dir() else path.parent
         for place in (folder, folder.parent):
-            info = place / RUN_FILE
-            if info.is_file():
-                try:
-                    return RunLabels.read(info)
-                except UserError:
-                    return None
+            if (place / RUN_FILE).is_file():
+                return place / RUN_FILE
     return None
+
+
+def _discover_run_info(spec) -> RunLabels | None:
+    """The labels of the train-student run ``spec`` was exported by; None when there is
+    none (or its run.json is no train-student run's)."""
+    path = _run_file(spec)
+    try:
+        return RunLabels.read(path) if path is not None else None
+    except UserError:
+        return None
+
+
+def _preprocess_of(spec, teacher) -> str:
+    """How a model's images become pixels here: the teacher cache's way when one is given,
+    else that of the cache the student was trained from (its ``run.json``), else exact."""
+    if teacher is not None:
+        return pixels.mode_of(teacher.manifest)
+    path = _run_file(spec)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        record = {}
+    return pixels.mode_of(record if isinstance(record, dict) else {})
 
 
 def _default_name(model, cache, run_info: dict[str, Any] | None = None) -> str:
@@ -459,6 +492,7 @@ class EvalConfig:
     workers: int = option(4, "DataLoader worker processes for image decoding.", min=0)
     device: str = option("auto", "auto (cuda if present), cpu, cuda, cuda:N.")
     precision: str = option("fp32", "fp32, or bf16 / fp16 autocast of the model's forward (fp16 on CUDA only).")
+    decode: str = option("workers", pixels.DECODE_HELP)
     seed: int = option(0, "Seed of the fidelity similarity sample.")
     fidelity_k: int = 10
     fidelity_sample: int = option(2000, "Items sampled for the Spearman fidelity correlations.", min=3)
@@ -482,6 +516,7 @@ class EvalConfig:
             raise UserError("recall cut-offs K must be positive")
         if len({t.name for t in self.zeroshot}) != len(self.zeroshot):
             raise UserError("zero-shot task names must be distinct")
+        pixels.check_decode(self.decode)
 
 
 @dataclass
@@ -521,6 +556,8 @@ def evaluate(out: str | Path | None = None, **options: Any) -> dict[str, float]:
     info = _evaluation_info(config, inputs)
     if skipped is not None:
         info["skipped"] = skipped
+    if inputs.encoder is not None and inputs.encoder.decoder is not None:  # --decode device: CPU-path decodes
+        info["device_decode_fallbacks"] = inputs.encoder.decoder.fallbacks
     run = _run_labels(config.model, inputs.scored_cache, config.run_info, inputs.dim)
     results = {name: M.as_written(value) for name, value in results.items()}
     atomic_write_json(out, results)
@@ -546,7 +583,8 @@ def _open_inputs(config: EvalConfig) -> _Inputs:
         from rdkd.models import load_clip
 
         loaded = load_clip(config.model, device=dev)
-        encoder = _Encoder(loaded, dev, config.precision, config.batch_size, config.workers, config.progress)
+        encoder = _Encoder(loaded, dev, config.precision, config.batch_size, config.workers, config.progress,
+                           _preprocess_of(config.model, teacher), config.decode)
     inputs = _Inputs(dev, dev.type == "cuda" and faiss.get_num_gpus() > 0, dataset, scored_cache, teacher,
                      zero_shot_sets, loaded, encoder)
     if config.index_factory:
@@ -568,6 +606,9 @@ def _evaluation_info(config: EvalConfig, inputs: _Inputs) -> dict[str, Any]:
         "index_factory": config.index_factory or "Flat", "search_params": config.search_params,
         "device": str(inputs.device), "precision": config.precision, "faiss_gpu": inputs.faiss_gpu,
         "seed": config.seed, "ks": list(config.ks),
+        # absent means exact: older files keep their bytes
+        **({pixels.MANIFEST_FIELD: inputs.encoder.renderer.mode}
+           if inputs.encoder is not None and inputs.encoder.renderer.mode != "exact" else {}),
     }
 
 

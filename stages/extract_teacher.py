@@ -16,7 +16,10 @@ How the work flows (the file reads in this order):
    shards j with j % world == r; rank 0 writes the index, rejects and manifest after a barrier.
 3. DataLoader workers (:class:`TeacherInputs`) read and decode the images, render all K
    views at the teacher's input size and hand them over as ``uint8`` (a quarter of the
-   bytes of float32), with the captions tokenised.
+   bytes of float32), with the captions tokenised. With ``decode="device"`` they read the
+   image's header only and hand over its encoded bytes and view boxes; the main process
+   decodes, crops and resizes them on the device (:class:`rdkd.pixels.DeviceDecoder`,
+   :meth:`_Batch.decode_on`), an image that does not decode there becoming a reject.
 4. The main process (:class:`TeacherForward`) copies a batch from pinned memory to the
    device without waiting, normalises it there (:class:`rdkd.runtime.DeviceNormalize`:
    bitwise the values of the teacher's host transform), runs the teacher under
@@ -60,16 +63,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from PIL import Image
 from rich.console import Console
 
 import rdkd
-from rdkd import distributed, runtime
+from rdkd import distributed, pixels, runtime
 from rdkd.cache import format as fmt
 from rdkd.cache import writer
-from rdkd.cache.views import ViewConfig, eval_view_box, random_view, render_view, view_rng
-from rdkd.data import DataSpec, Dataset, open_dataset
+from rdkd.cache.views import ViewConfig, random_view, view_rng
+from rdkd.data import DataSpec, Dataset, open_dataset, open_image
 from rdkd.errors import UserError
 from rdkd.files import writing
 from rdkd.models import LoadedClip, ModelSpec, load_clip
@@ -83,8 +84,8 @@ console = Console(stderr=True)
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """How one extraction runs. ``precision``, ``storage_dtype``, ``views`` and
-    ``rows_per_shard`` shape the cache and are recorded in its manifest; the others say how
+    """How one extraction runs. ``precision``, ``storage_dtype``, ``views``, ``preprocess``
+    and ``rows_per_shard`` shape the cache and are recorded in its manifest; the others say how
     the work is done (the same cache comes out for any batch size, workers or device count)."""
 
     batch_size: int = option(256, "Images per teacher forward pass (per process).", min=1)
@@ -93,6 +94,10 @@ class ExtractConfig:
     precision: str = option("fp32", "fp32, or bf16 / fp16 autocast (fp16 on CUDA only).")
     storage_dtype: str = option("float16", "Embedding dtype on disk: float16, bfloat16 or float32.")
     views: ViewConfig = nested(ViewConfig)
+    preprocess: str = option(pixels.DEFAULT_MODE, "How images become pixels: exact (open_clip's transforms on the "
+                                                  "full decode) or fast (JPEGs decoded at reduced size, one "
+                                                  "crop-resize per view); recorded in the cache, followed by students.")
+    decode: str = option("workers", pixels.DECODE_HELP)
     rows_per_shard: int = option(10_000, "Images per cache shard (CSV/Parquet; webdataset follows its data shards).",
                                  min=1)
     resume: bool = option(True, "Keep and skip shards an interrupted run finished.", "--resume/--no-resume")
@@ -113,6 +118,9 @@ class ExtractConfig:
         if self.storage_dtype not in fmt.STORAGE_DTYPES:
             raise UserError(f"unknown storage dtype {self.storage_dtype!r}; "
                             f"expected one of {', '.join(fmt.STORAGE_DTYPES)}")
+        pixels.check_mode(self.preprocess)
+        if pixels.check_decode(self.decode) == "device" and self.preprocess != "fast":
+            raise UserError("--decode device makes the fast views: pass --preprocess fast with it")
         if self.views.count < 1:
             raise UserError("--views must be at least 1")
         if not 0 < self.views.scale[0] <= self.views.scale[1] <= 1:
@@ -153,7 +161,7 @@ class _Item:
 
     index: int
     key: str
-    pixels: torch.Tensor | None = None  # uint8 [K, 3, H, W]
+    pixels: torch.Tensor | bytes | None = None  # uint8 [K, 3, H, W]; --decode device: the encoded image
     crops: np.ndarray | None = None  # [K, 4]
     flips: np.ndarray | None = None  # [K]
     captions: list[str] = field(default_factory=list)
@@ -168,7 +176,8 @@ class _Batch:
     first: int  # the first entry (decoded or not): which shard the batch belongs to
     entries: int  # entries covered, decoded + rejected
     keys: list[str]  # entries that decoded, in order
-    pixels: torch.Tensor  # uint8 [len(keys) * K, 3, H, W]
+    pixels: torch.Tensor | list[bytes]  # uint8 [len(keys) * K, 3, H, W]; --decode device: encoded, one per key
+    indices: list[int]  # the entries of keys
     crops: np.ndarray  # [len(keys) * K, 4]
     flips: np.ndarray  # [len(keys) * K]
     captions: list[str]  # all captions of those entries, in order
@@ -177,8 +186,33 @@ class _Batch:
     rejects: list[dict]
 
     def pin_memory(self) -> "_Batch":
-        self.pixels = self.pixels.pin_memory()
+        if isinstance(self.pixels, torch.Tensor):
+            self.pixels = self.pixels.pin_memory()
         self.tokens = self.tokens.pin_memory()
+        return self
+
+    def decode_on(self, decoder: pixels.DeviceDecoder, dataset: Dataset) -> "_Batch":
+        """--decode device: the encoded images become their K views on the device; entries
+        that no path decodes move to the rejects, as a worker would have rejected them."""
+        views = len(self.crops) // max(1, len(self.keys))
+        wanted = [[None] + [(box, bool(flip)) for box, flip in zip(self.crops[k * views + 1:(k + 1) * views],
+                                                                   self.flips[k * views + 1:(k + 1) * views])]
+                  for k in range(len(self.keys))]
+        self.pixels, failed = decoder.decode(self.pixels, wanted)
+        if not failed:
+            return self
+        lost = {k for k, _ in failed}
+        self.rejects += [{"key": self.keys[k], "source": dataset.source(self.indices[k]), "reason": reason}
+                         for k, reason in failed]
+        kept = [k for k in range(len(self.keys)) if k not in lost]
+        rows = [k * views + v for k in kept for v in range(views)]
+        firsts = np.cumsum([0] + self.caption_counts)
+        text_rows = [r for k in kept for r in range(firsts[k], firsts[k + 1])]
+        self.keys, self.indices = [self.keys[k] for k in kept], [self.indices[k] for k in kept]
+        self.pixels, self.crops, self.flips = self.pixels[rows], self.crops[rows], self.flips[rows]
+        self.captions = [self.captions[r] for r in text_rows]
+        self.caption_counts = [self.caption_counts[k] for k in kept]
+        self.tokens = self.tokens[text_rows]
         return self
 
 
@@ -187,17 +221,19 @@ class TeacherInputs(torch.utils.data.Dataset):
     reject reason. Runs in DataLoader workers: reading, decoding, rendering views and
     tokenising happen there, off the main process that feeds the teacher.
 
-    View 0 is the teacher's own eval transform stopped before its float conversion
-    (:func:`rdkd.runtime.uint8_transform`); views 1..K-1 are rendered from their recorded
-    crop box and flip (:func:`rdkd.cache.views.render_view`), the pixels a student replays.
+    View 0 is the teacher's eval view, views 1..K-1 random crops drawn from the image's
+    size; all are rendered by one :class:`rdkd.pixels.ViewRenderer` in the cache's
+    preprocessing (``exact``: view 0 is open_clip's eval transform stopped before its float
+    conversion), the pixels a student replays.
     """
 
-    def __init__(self, dataset: Dataset, loaded: LoadedClip, views: ViewConfig):
+    def __init__(self, dataset: Dataset, loaded: LoadedClip, views: ViewConfig, preprocess: str = pixels.DEFAULT_MODE,
+                 encoded: bool = False):
         self.dataset = dataset
-        self.eval_view = runtime.uint8_transform(loaded.preprocess)
+        self.renderer = pixels.ViewRenderer(loaded.preprocess, loaded.preprocess_cfg["size"], views.interpolation,
+                                            loaded.preprocess_cfg.get("resize_mode", "shortest"), preprocess)
+        self.encoded = encoded  # --decode device: hand over the bytes and the views' boxes, not pixels
         self.tokenizer = loaded.tokenizer
-        self.size = loaded.preprocess_cfg["size"]
-        self.resize_mode = loaded.preprocess_cfg.get("resize_mode", "shortest")
         self.views = views
 
     def __len__(self) -> int:
@@ -213,17 +249,19 @@ class TeacherInputs(torch.utils.data.Dataset):
         captions = list(self.dataset.captions(i))
         return _Item(i, key, pixels, crops, flips, captions, self.tokenizer(captions))
 
-    def render(self, key: str, image: Image.Image) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def render(self, key: str, data: bytes) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """The K views of one image: uint8 pixels [K, 3, H, W], crop boxes [K, 4], flips [K]."""
-        pixels = [self.eval_view(image)]
-        crops = [eval_view_box(image.width, image.height, self.size, self.resize_mode)]
-        flips = [False]
-        for view in range(1, self.views.count):
-            box, flip = random_view(image.width, image.height, view_rng(key, view, self.views.seed), self.views)
-            pixels.append(TF.pil_to_tensor(render_view(image, box, flip, self.size, self.views.interpolation)))
-            crops.append(box)
-            flips.append(flip)
-        return torch.stack(pixels), np.array(crops, dtype=np.float32), np.array(flips, dtype=bool)
+        def views(width: int, height: int) -> list:
+            return [None] + [random_view(width, height, view_rng(key, view, self.views.seed), self.views)
+                             for view in range(1, self.views.count)]
+
+        if self.encoded:
+            width, height = open_image(data).size
+            chosen = views(width, height)[1:]
+            boxes = [self.renderer.eval_box(width, height)] + [box for box, _ in chosen]
+            flips = [False] + [flip for _, flip in chosen]
+            return data, np.array(boxes, dtype=np.float32), np.array(flips, dtype=bool)
+        return self.renderer.render(data, views)
 
 
 def _collate(items: Sequence[_Item]) -> _Batch:
@@ -232,7 +270,9 @@ def _collate(items: Sequence[_Item]) -> _Batch:
         first=items[0].index,
         entries=len(items),
         keys=[it.key for it in good],
-        pixels=torch.cat([it.pixels for it in good]) if good else torch.zeros(0, dtype=torch.uint8),
+        pixels=([it.pixels for it in good] if good and isinstance(good[0].pixels, bytes) else
+                torch.cat([it.pixels for it in good]) if good else torch.zeros(0, dtype=torch.uint8)),
+        indices=[it.index for it in good],
         crops=np.concatenate([it.crops for it in good]) if good else np.zeros((0, 4), np.float32),
         flips=np.concatenate([it.flips for it in good]) if good else np.zeros(0, bool),
         captions=[c for it in good for c in it.captions],
@@ -492,8 +532,12 @@ def _cache_header(loaded: LoadedClip, dataset: Dataset, data: DataSpec, ranges: 
         "dataset_fingerprint": dataset.fingerprint,
         "shards": [[r.start, r.stop] for r in ranges],
     }
+    # exact is recorded by the field's absence: caches made before the choice existed keep their id and bytes
+    preprocess = {} if config.preprocess == "exact" else {pixels.MANIFEST_FIELD: config.preprocess}
+    identity.update(preprocess)
     cache_id = hashlib.sha256(fmt.canonical_json(identity)).hexdigest()[:32]
     return {
+        **preprocess,
         "cache_id": cache_id,
         "rdkd_version": rdkd.__version__,
         "teacher": {
@@ -747,8 +791,14 @@ def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejec
         return 0, clock
     forward = TeacherForward(job.loaded, job.device, config.precision)
     show = config.progress and job.rank == 0
+    batches = iter(_loader(job, live))
+    decoder = None
+    if config.decode == "device":
+        decoder = pixels.DeviceDecoder(TeacherInputs(job.dataset, job.loaded, config.views, config.preprocess).renderer,
+                                       job.device)
+        batches = (batch.decode_on(decoder, job.dataset) if batch.keys else batch for batch in batches)
     with runtime.progress(show, "extract-teacher", sum(map(len, live)), unit="images") as advance:
-        for done in teacher_outputs(iter(_loader(job, live)), forward):
+        for done in teacher_outputs(batches, forward):
             clock.batch_done(len(done.batch.keys), done.ready_at)
             written = assembler.add(done)
             # One process knows the run can no longer meet the threshold: stop now, keep what
@@ -756,6 +806,9 @@ def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejec
             if written is not None and job.world == 1:
                 limit.check(job.root, index_rejects + assembler.rejects, partial=True)
             advance(done.batch.entries)
+    if decoder is not None and decoder.fallbacks:
+        console.print(f"--decode device: {decoder.fallbacks} image(s) decoded on the CPU path instead "
+                      f"(not JPEG, or refused by the device's decoder)")
     return assembler.images, clock
 
 
@@ -765,7 +818,7 @@ def _loader(job: _Job, ranges: list[range]) -> torch.utils.data.DataLoader:
     height, width = (cfg["size"], cfg["size"]) if isinstance(cfg["size"], int) else cfg["size"]
     batch_bytes = config.batch_size * config.views.count * 3 * height * width
     return torch.utils.data.DataLoader(
-        TeacherInputs(job.dataset, job.loaded, config.views),
+        TeacherInputs(job.dataset, job.loaded, config.views, config.preprocess, encoded=config.decode == "device"),
         batch_sampler=_ShardBatches(ranges, config.batch_size),
         num_workers=config.workers,
         collate_fn=_collate,

@@ -50,7 +50,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from rdkd import checkpoints, distributed, runtime, streaming
+from rdkd import checkpoints, distributed, pixels, runtime, streaming
 from rdkd.errors import UserError
 from rdkd.files import atomic_write
 from rdkd.labels import RUN_FILE, RunLabels
@@ -109,6 +109,9 @@ class TrainConfig:
     order beside their cache shards (:mod:`rdkd.streaming`) instead of indexing the
     dataset; None (auto) streams above ``streaming.STREAM_AUTO_MIN_ENTRIES`` entries;
     ``shuffle_buffer``: raw samples each DataLoader worker holds to shuffle when streaming.
+    ``decode``: ``workers`` (DataLoader workers make the pixels) or ``device`` (they hand over
+    the encoded images; :class:`rdkd.pixels.DeviceDecoder` decodes, crops and resizes them on
+    the device; needs a fast cache).
     """
 
     data: Any
@@ -140,6 +143,7 @@ class TrainConfig:
                                 "non-finite check (the one host-device sync of an interval).", min=1)
     compile: bool = option(False, "torch.compile the student (see BENCHMARKS.md for when it pays).",
                            "--compile/--no-compile")
+    decode: str = option("workers", pixels.DECODE_HELP)
     resume: str | None = option(None, "Continue from a checkpoint file or a run folder (its latest checkpoint).")
     out: str | None = option(None, "Run folder (default artifacts/students/<student>-<loss>-seed<seed>).",
                              "--out", "-o")
@@ -162,6 +166,8 @@ class TrainConfig:
         """JSON-ready, paths as given (relative paths stay relative)."""
         record = asdict(self)
         record["data"] = asdict(self.data) if hasattr(self.data, "__dataclass_fields__") else str(self.data)
+        if record["decode"] == "workers":  # the default, left out: run.json keeps the bytes it had before the option
+            del record["decode"]
         return record
 
 
@@ -201,6 +207,7 @@ class Run:
     scaler: torch.amp.GradScaler
     pairs: PairDataset | streaming.ShardStream
     normalize: runtime.DeviceNormalize
+    decoder: pixels.DeviceDecoder | None
     t_scale: torch.Tensor
     out_dir: Path
     log_dir: Path
@@ -253,6 +260,8 @@ def train_student(data: Any, student: str, method: str = "cliprd", cache: str | 
             for step in range(progress.step, total):
                 with timer.waiting():
                     batch = next(batches)
+                    if run.decoder is not None:
+                        _decode_images(run, batch)
                 _count_skips(progress, batch["skipped"], step + 1)
                 lr = run.optimizer.param_groups[0]["lr"]
                 train_step(run, batch, window)
@@ -271,6 +280,28 @@ def train_student(data: Any, student: str, method: str = "cliprd", cache: str | 
             log.close()
         if joined_here:
             distributed.cleanup()
+
+
+def _decode_images(run: Run, batch: dict) -> None:
+    """``--decode device``: the batch's encoded images become its uint8 views on the device.
+    An image no path decodes (its header read in the worker, its data not) is recorded as
+    skipped and its row takes the place of another sample of the batch, so that the batch
+    keeps its size on every rank (rare: a corrupt file that reads as an image)."""
+    images, failed = run.decoder.decode(batch["image"], [[view] for view in batch["view"]])
+    batch["image"] = images
+    if not failed:
+        return
+    lost = {i for i, _ in failed}
+    good = [i for i in range(len(batch["view"])) if i not in lost]
+    if not good:
+        raise UserError(f"no image of a batch decoded on the device (first: {failed[0][1]}); check the dataset")
+    keys = getattr(getattr(run.pairs, "data", None), "keys", None)
+    for n, (i, reason) in enumerate(failed):
+        index = batch["host_index"][i]
+        batch["skipped"].append((keys[index] if keys is not None else f"entry {index}", reason))
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value[i] = value[good[n % len(good)]]
 
 
 def train_step(run: Run, batch: dict, window: LogWindow) -> None:
@@ -360,13 +391,14 @@ def setup(config: TrainConfig) -> Run:
 
     local_batch = config.batch_size // dist.world_size
     if layout is None:
-        pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, cache=cache)
+        pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, cache=cache, decode=config.decode)
         steps_per_epoch = EpochBatchSampler(len(pairs), local_batch, config.seed,
                                             dist.rank, dist.world_size).steps_per_epoch
         samples, fingerprint = len(pairs), dataset.fingerprint
     else:  # the cache vouches for the data; the stream checks each sample's key and captions against it
         pieces = math.ceil(local_batch * _sample_bytes(image_cfg, built.model_config, teacher_dim) / PIECE_BYTES)
-        pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, cache),
+        pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, cache,
+                                                          decode=config.decode),
                                       local_batch, config.seed, dist.rank, dist.world_size, config.workers,
                                       config.shuffle_buffer, pieces=pieces)
         steps_per_epoch = pairs.steps_per_epoch(epochs=config.epochs, steps=config.steps)
@@ -405,6 +437,7 @@ def setup(config: TrainConfig) -> Run:
         scheduler=build_scheduler(optimizer, plan.warmup, total_steps),
         scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
         pairs=pairs, normalize=runtime.DeviceNormalize(image_cfg.mean, image_cfg.std, device),
+        decoder=pixels.DeviceDecoder(pairs.builder.renderer, device) if config.decode == "device" else None,
         t_scale=torch.tensor(cache.logit_scale if cache is not None else 1.0, device=device),
         out_dir=out_dir, log_dir=Path(config.log_dir) if config.log_dir else out_dir / "logs",
         trained=[p for g in optimizer.param_groups for p in g["params"]], resume_state=resume_state)
@@ -573,6 +606,11 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
         "checkpoint": str(progress.last_checkpoint) if progress.last_checkpoint else None,
         "export": str(run.out_dir / "export"),
     }
+    if run.decoder is not None:  # --decode device: images this rank decoded on the CPU path (not JPEG, refused)
+        summary["device_decode_fallbacks"] = run.decoder.fallbacks
+    preprocess = run.pairs.builder.preprocess
+    if preprocess != "exact":  # recorded for evaluate; absent means exact, as in a cache
+        summary[pixels.MANIFEST_FIELD] = preprocess
     all_records = [r for rank in _gather_objects(progress.skipped_records, run.dist) for r in rank]
     if run.dist.is_main:
         from rdkd.models import export_clip

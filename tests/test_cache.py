@@ -179,7 +179,7 @@ def test_verify_finds_damage_and_the_cli_reports_it(tmp_path, run_cli):
     code, out, err = run_cli("cache", "verify", str(tmp_path))
     assert code == 0 and "ok" in out
     code, out, err = run_cli("cache", "info", str(tmp_path))
-    assert code == 0 and "test-id" in out
+    assert code == 0 and "test-id" in out and "exact:" in out  # no image_preprocess field: exact
     shard = tmp_path / "texts" / "part-00002.arrow"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -141,11 +141,12 @@ def test_precision_bf16_autocasts_the_forward_and_fp16_needs_cuda(tmp_path, caps
 def test_images_leave_the_workers_as_uint8(csv_dataset, tiny_teacher):
     from rdkd.data import open_dataset
     from rdkd.models import load_clip
-    from rdkd.runtime import uint8_transform
+    from rdkd.pixels import ViewRenderer
     from rdkd.stages.evaluate import _DecodedImages
 
     loaded = load_clip(tiny_teacher)
-    index, pixels, reason = _DecodedImages(open_dataset(csv_dataset), uint8_transform(loaded.preprocess))[3]
+    renderer = ViewRenderer.of_model(loaded.preprocess, loaded.preprocess_cfg)
+    index, pixels, reason = _DecodedImages(open_dataset(csv_dataset), renderer.eval_pixels)[3]
     assert (index, reason) == (3, None) and pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
 
 

@@ -21,7 +21,7 @@ from builders import Sample, image_bytes, make_image, sample_members, standard_s
 from rdkd import runtime
 from rdkd.cache import TeacherCache, ViewConfig, eval_view_box, render_view
 from rdkd.cache import format as fmt
-from rdkd.data import DataSpec, open_dataset
+from rdkd.data import DataSpec, decode_image, open_dataset
 from rdkd.errors import UserError
 from rdkd.models import load_clip
 from rdkd.stages import extract_teacher as stage
@@ -160,8 +160,9 @@ def test_uint8_transport_writes_the_same_bytes_as_float32_pixels(tmp_path, csv_d
     extract_teacher(csv_dataset, tiny_teacher, tmp_path / "uint8", **settings)
     cfg = teacher.preprocess_cfg
 
-    def float32_views(self, key, image):
-        pixels, crops, flips = real_render(self, key, image)
+    def float32_views(self, key, data):
+        pixels, crops, flips = real_render(self, key, data)
+        image = decode_image(data)
         host = [teacher.preprocess(image)] + [
             TF.normalize(TF.to_tensor(render_view(image, box.tolist(), bool(flip), cfg["size"], cfg["interpolation"])),
                          cfg["mean"], cfg["std"]) for box, flip in zip(crops[1:], flips[1:])]
