@@ -1,4 +1,4 @@
-"""P8: start-up of ``rdkd train-student`` against the dataset size (issue #11).
+"""P9: start-up of ``rdkd train-student`` against the dataset size (issue #11).
 
 Before the first step, train-student opens the dataset (index: keys, captions, where the
 images are) and joins it with the teacher cache. Both used to cost Python per entry, every
