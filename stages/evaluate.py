@@ -287,12 +287,11 @@ class _Encoder:
     batched, under the run's precision, with a progress bar per pass. Embeddings stay on the
     device until a pass ends (no wait on the device per batch)."""
 
-    def __init__(self, loaded, device: torch.device, precision: str, batch_size: int, workers: int,
-                 show_progress: bool, preprocess: str = pixels.DEFAULT_MODE, decode: str = "workers"):
-        self.loaded, self.device, self.precision = loaded, device, precision
-        self.batch_size, self.workers, self.show_progress = batch_size, workers, show_progress
+    def __init__(self, loaded, device: torch.device, config: "EvalConfig", preprocess: str = pixels.DEFAULT_MODE):
+        self.loaded, self.device, self.precision = loaded, device, config.precision
+        self.batch_size, self.workers, self.show_progress = config.batch_size, config.workers, config.progress
         self.renderer = pixels.ViewRenderer.of_model(loaded.preprocess, loaded.preprocess_cfg, preprocess)
-        self.decoder = pixels.DeviceDecoder(self.renderer, device) if decode == "device" else None
+        self.decoder = pixels.DeviceDecoder(self.renderer, device) if config.decode == "device" else None
         self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
 
     @contextlib.contextmanager
@@ -583,8 +582,7 @@ def _open_inputs(config: EvalConfig) -> _Inputs:
         from rdkd.models import load_clip
 
         loaded = load_clip(config.model, device=dev)
-        encoder = _Encoder(loaded, dev, config.precision, config.batch_size, config.workers, config.progress,
-                           _preprocess_of(config.model, teacher), config.decode)
+        encoder = _Encoder(loaded, dev, config, _preprocess_of(config.model, teacher))
     inputs = _Inputs(dev, dev.type == "cuda" and faiss.get_num_gpus() > 0, dataset, scored_cache, teacher,
                      zero_shot_sets, loaded, encoder)
     if config.index_factory:

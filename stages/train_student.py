@@ -336,8 +336,6 @@ def setup(config: TrainConfig) -> Run:
     """Check the config, open data and cache, build student, loss, optimizer; refuse bad
     input with one line before anything is written."""
     from rdkd import losses
-    from rdkd.data import DataSpec, open_dataset
-    from rdkd.models import create_student
 
     if config.log_every < 1:
         raise UserError("--log-every must be at least 1")
@@ -350,39 +348,12 @@ def setup(config: TrainConfig) -> Run:
         raise UserError("give exactly one of --epochs and --steps")
     term_weights = losses.weights_for(config.method, config.weights)
 
-    # data and cache: joined by key (or streamed shard beside shard), checked before anything is written
-    spec = config.data if isinstance(config.data, DataSpec) else DataSpec(str(config.data))
-    config.data = spec
-    cache = None
-    if config.cache is not None:
-        from rdkd.cache import TeacherCache
-
-        cache = TeacherCache.open(Path(config.cache), check=config.verify_cache is not False)
-    layout = streaming.streaming_layout(config.stream, spec, cache)
-    dataset = open_dataset(spec) if layout is None else None
-    if cache is not None:
-        if dataset is not None and cache.dataset_fingerprint != dataset.fingerprint:
-            raise UserError(f"cache {config.cache} was made from another dataset (fingerprint "
-                            f"{cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]} of {spec.path})")
-        _verify_cache(cache, config.verify_cache)
+    cache, layout, dataset = _open_data(config)
     if any(losses.TERMS[name].uses_teacher for name in term_weights) and cache is None:
         raise UserError(f"--loss {config.method} distils from a teacher: give its embedding cache with --cache")
 
-    # student (the seed fixes its random init and the loss's heads); Python's and numpy's
-    # global RNGs are unused by training, but their states go into every checkpoint
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    init_state = _rdkd_checkpoint_model(Path(config.init)) if config.init is not None else None
-    built = create_student(config.student, init=None if config.init is None or init_state is not None
-                           else config.init, device=device)
+    built = _build_student(config, device)
     model = built.model
-    if init_state is not None:
-        try:
-            model.load_state_dict(init_state)
-        except RuntimeError as err:
-            raise UserError(f"--init {config.init}: its weights do not fit {config.student}: "
-                            f"{str(err).splitlines()[0]}") from None
     image_cfg = ImageCfg.of_model(model)
     teacher_dim = cache.dim if cache is not None else None
     loss_module = losses.DistillLoss(term_weights, student_dim=built.embed_dim,
@@ -413,18 +384,7 @@ def setup(config: TrainConfig) -> Run:
         teacher=cache.manifest.get("teacher") if cache is not None else None,
         stream=pairs.shape if layout is not None else None)
 
-    resume_state = None
-    out = config.out
-    if config.resume is not None:
-        resume_path = _find_checkpoint(Path(config.resume))
-        resume_state = load_checkpoint(resume_path)
-        _check_resumable(resume_state, _resume_key(config, plan), resume_path)
-        resume_state["path"] = resume_path
-        out = out if out is not None else str(resume_path.parent.parent)
-    out_dir = Path(out) if out is not None else runtime.DEFAULT_ARTIFACTS / "students" / _run_name(config)
-    if resume_state is None and out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"output folder {out_dir} already holds files; pass --resume to continue "
-                        f"that run or choose another --out")
+    out_dir, resume_state = _output_and_resume(config, plan)
 
     train_model = torch.compile(model) if config.compile else model
     if dist.distributed:  # DDP averages; gather_batch's backward makes that the global gradient
@@ -442,6 +402,68 @@ def setup(config: TrainConfig) -> Run:
         out_dir=out_dir, log_dir=Path(config.log_dir) if config.log_dir else out_dir / "logs",
         trained=[p for g in optimizer.param_groups for p in g["params"]], resume_state=resume_state)
     return run
+
+
+def _open_data(config: TrainConfig) -> tuple[Any, streaming.StreamLayout | None, Any]:
+    """(cache, stream layout, dataset): data and cache joined by key (or streamed shard
+    beside shard), checked before anything is written; ``config.data`` becomes a DataSpec."""
+    from rdkd.data import DataSpec, open_dataset
+
+    spec = config.data if isinstance(config.data, DataSpec) else DataSpec(str(config.data))
+    config.data = spec
+    cache = None
+    if config.cache is not None:
+        from rdkd.cache import TeacherCache
+
+        cache = TeacherCache.open(Path(config.cache), check=config.verify_cache is not False)
+    layout = streaming.streaming_layout(config.stream, spec, cache)
+    dataset = open_dataset(spec) if layout is None else None
+    if cache is not None:
+        if dataset is not None and cache.dataset_fingerprint != dataset.fingerprint:
+            raise UserError(f"cache {config.cache} was made from another dataset (fingerprint "
+                            f"{cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]} of {spec.path})")
+        _verify_cache(cache, config.verify_cache)
+    return cache, layout, dataset
+
+
+def _build_student(config: TrainConfig, device: torch.device) -> Any:
+    """The student (``rdkd.models.create_student``, looked up there when it runs), from
+    ``--init`` where given. The seed fixes its random init and, after it, the loss's heads;
+    Python's and numpy's global RNGs are unused by training, but their states go into every
+    checkpoint."""
+    from rdkd.models import create_student
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    init_state = _rdkd_checkpoint_model(Path(config.init)) if config.init is not None else None
+    built = create_student(config.student, init=None if config.init is None or init_state is not None
+                           else config.init, device=device)
+    if init_state is not None:
+        try:
+            built.model.load_state_dict(init_state)
+        except RuntimeError as err:
+            raise UserError(f"--init {config.init}: its weights do not fit {config.student}: "
+                            f"{str(err).splitlines()[0]}") from None
+    return built
+
+
+def _output_and_resume(config: TrainConfig, plan: Plan) -> tuple[Path, dict | None]:
+    """(run folder, the checkpoint state to resume or None): a resumed run must match its
+    checkpoint's run; a fresh one refuses a folder that already holds files."""
+    resume_state = None
+    out = config.out
+    if config.resume is not None:
+        resume_path = _find_checkpoint(Path(config.resume))
+        resume_state = load_checkpoint(resume_path)
+        _check_resumable(resume_state, _resume_key(config, plan), resume_path)
+        resume_state["path"] = resume_path
+        out = out if out is not None else str(resume_path.parent.parent)
+    out_dir = Path(out) if out is not None else runtime.DEFAULT_ARTIFACTS / "students" / _run_name(config)
+    if resume_state is None and out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"output folder {out_dir} already holds files; pass --resume to continue "
+                        f"that run or choose another --out")
+    return out_dir, resume_state
 
 
 def restore(run: Run) -> Progress:
