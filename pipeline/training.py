@@ -327,21 +327,21 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     over ``world`` ranks by torch's DistributedSampler, incomplete batches dropped (every
     step sees a full global batch). Iteration runs from ``start`` = (epoch, step in epoch).
 
-    With ``chunks`` > 1 iteration yields each batch as that many consecutive pieces (sizes
+    With ``pieces`` > 1 iteration yields each batch as that many consecutive pieces (sizes
     differing by at most one): DataLoader workers then build pieces, and the memory in
     flight is workers x prefetch x a piece, not x a batch; :func:`rdkd.runtime.device_batches`
     joins the pieces of a step on the device.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1, start: tuple[int, int] = (0, 0), chunks: int = 1):
+                 world: int = 1, start: tuple[int, int] = (0, 0), pieces: int = 1):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world = world
         self.start = start
-        self.chunks = max(1, min(chunks, batch_size))
+        self.pieces = max(1, min(pieces, batch_size))
         # Full global batches only: DistributedSampler pads a shard by repeating entries when
         # the world does not divide the entries; counting per rank (ceil(n / world) // batch)
         # would let those repeats into a step and give another world size another epoch.
@@ -362,7 +362,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         epoch, step = self.start
         while True:
             for batch in self.epoch_batches(epoch)[step:]:
-                bounds = np.linspace(0, len(batch), self.chunks + 1).round().astype(int)
+                bounds = np.linspace(0, len(batch), self.pieces + 1).round().astype(int)
                 yield from (batch[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
             epoch, step = epoch + 1, 0
 

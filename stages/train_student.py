@@ -503,13 +503,13 @@ def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
         return loader, stream.pieces
     pieces = math.ceil(local * sample_bytes / PIECE_BYTES)
     sampler = EpochBatchSampler(len(run.pairs), local, run.config.seed, run.dist.rank, run.dist.world_size,
-                                start=divmod(start_step, run.plan.steps_per_epoch), chunks=pieces)
+                                start=divmod(start_step, run.plan.steps_per_epoch), pieces=pieces)
     loader = torch.utils.data.DataLoader(
         run.pairs, sampler=sampler, batch_size=None, num_workers=workers,
         generator=loader_generator(run.config.seed, run.dist.rank), pin_memory=run.device.type == "cuda",
-        prefetch_factor=runtime.prefetch_factor(math.ceil(local / sampler.chunks) * sample_bytes, workers,
+        prefetch_factor=runtime.prefetch_factor(math.ceil(local / sampler.pieces) * sample_bytes, workers,
                                                 runtime.PREFETCH_BUDGET_BYTES))
-    return loader, sampler.chunks
+    return loader, sampler.pieces
 
 
 def _sample_bytes(image_cfg: ImageCfg, model_config: dict, teacher_dim: int | None) -> int:

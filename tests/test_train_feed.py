@@ -118,7 +118,7 @@ def test_batches_built_in_pieces_train_exactly_like_whole_batches(tmp_path, monk
     import rdkd.stages.train_student as stage
     from rdkd.training import EpochBatchSampler
 
-    sampler = EpochBatchSampler(12, 4, seed=3, chunks=3)
+    sampler = EpochBatchSampler(12, 4, seed=3, pieces=3)
     stream = iter(sampler)
     for batch in sampler.epoch_batches(0) + sampler.epoch_batches(1):
         assert [item for _ in range(3) for item in next(stream)] == batch
