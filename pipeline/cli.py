@@ -14,7 +14,7 @@ import inspect
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import typer
 
@@ -47,20 +47,39 @@ def _option(name: str, annotation: Any, default: Any, *flags: str, **settings: A
                              default=typer.Option(default, *flags, **settings))
 
 
-def _command(name: str, *options: inspect.Parameter) -> Callable[[Callable[[dict], None]], Callable]:
-    """Register ``run(values)`` as ``rdkd <name>`` taking ``options``; ``values`` holds them
-    by name. The help is ``run``'s docstring."""
-    def register(run: Callable[[dict], None]) -> Callable:
-        def command(**values: Any) -> None:
-            run(values)
+# Stage commands whose options come from config dataclasses: name -> (options, run). Their
+# options are built when a command line names them (registered_app), so that `rdkd report`
+# does not import torch, open_clip and FAISS to learn train-student's options.
+_STAGE_COMMANDS: dict[str, tuple[Callable[[], list[inspect.Parameter]], Callable[[dict], None]]] = {}
 
-        command.__signature__ = inspect.Signature(list(options))
-        command.__annotations__ = {p.name: p.annotation for p in options}
-        command.__doc__, command.__name__ = run.__doc__, run.__name__
-        app.command(name)(command)
+
+def _command(name: str, options: Callable[[], list[inspect.Parameter]]) -> Callable[[Callable[[dict], None]], Callable]:
+    """Declare ``run(values)`` as ``rdkd <name>``, taking the parameters ``options()`` makes;
+    ``values`` holds them by name. The help is ``run``'s docstring."""
+    def declare(run: Callable[[dict], None]) -> Callable:
+        _STAGE_COMMANDS[name] = (options, run)
         return run
 
-    return register
+    return declare
+
+
+def registered_app(names: Iterable[str] | None = None) -> typer.Typer:
+    """The app with the stage commands ``names`` (default: all) registered."""
+    registered = {info.name for info in app.registered_commands}
+    for name in _STAGE_COMMANDS if names is None else names:
+        if name in registered or name not in _STAGE_COMMANDS:
+            continue
+        options, run = _STAGE_COMMANDS[name]
+        parameters = options()
+
+        def command(_run: Callable[[dict], None] = run, **values: Any) -> None:
+            _run(values)
+
+        command.__signature__ = inspect.Signature(parameters)
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        command.__doc__, command.__name__ = run.__doc__, run.__name__
+        app.command(name)(command)
+    return app
 
 
 # --- extract-teacher (stage one) ---------------------------------------------------------
@@ -80,7 +99,7 @@ def _extract_options() -> list[inspect.Parameter]:
     ] + _options(ExtractConfig)
 
 
-@_command("extract-teacher", *_extract_options())
+@_command("extract-teacher", _extract_options)
 def extract_teacher_command(values: dict) -> None:
     """Run the teacher once over a dataset and write its embeddings to a cache (stage one)."""
     from rdkd.data import DataSpec
@@ -121,7 +140,7 @@ def _train_options() -> list[inspect.Parameter]:
     return _options(DataSpec) + _options(TrainConfig)
 
 
-@_command("train-student", *_train_options())
+@_command("train-student", _train_options)
 def train_student_command(values: dict) -> None:
     """Train a student from the cached teacher embeddings (the teacher is never run)."""
     from rdkd.data import DataSpec
@@ -180,7 +199,7 @@ def _evaluate_options() -> list[inspect.Parameter]:
     ]
 
 
-@_command("evaluate", *_evaluate_options())
+@_command("evaluate", _evaluate_options)
 def evaluate_command(values: dict) -> None:
     """Score a model or a cache: FAISS retrieval R@1/5/10, zero-shot accuracy, geometry fidelity."""
     from rdkd.data import DataSpec
@@ -264,8 +283,9 @@ def main() -> None:
     """Console-script entry: run the app, turning user errors into one line and exit code 2,
     a diverged training run into one line and exit code 3 and a storage fault into one line
     and exit code 4."""
+    named = [arg for arg in sys.argv[1:] if not arg.startswith("-")][:1]
     try:
-        app()
+        registered_app(named or None)()  # no command named (rdkd --help): all of them
     except OSError as err:  # a storage fault outside the stages' own write sites: still one line
         wrapped = storage_error(err, None)
         if wrapped is None:

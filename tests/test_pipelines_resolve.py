@@ -15,7 +15,7 @@ import pytest
 import typer
 from dvc.repo import Repo
 
-from rdkd.cli import app
+from rdkd.cli import registered_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def _rdkd_args(cmd: str) -> list[str]:
 
 
 def _parse(args: list[str]) -> None:
-    group = typer.main.get_command(app)
+    group = typer.main.get_command(registered_app())
     name, rest = args[0], args[1:]
     assert name in group.commands, f"no command rdkd {name}"
     group.commands[name].make_context(name, rest)
