@@ -31,7 +31,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from rdkd.losses import MAX_SCALE, TERMS, DistillLoss, Relations, Scales, weights_for
+from rdkd.losses import TERMS, DistillLoss, weights_for
 
 
 def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> tuple[float, float, float]:
@@ -70,9 +70,7 @@ def loss_step(preset: str, batch: int, dim: int, device: torch.device, seed: int
         if shared:
             total, _ = loss(t_img, t_txt, s_img, s_txt, log_s, 100.0)
         else:
-            scales = Scales(log_s.exp().clamp(max=MAX_SCALE), 100.0, loss.scale_img, loss.scale_txt,
-                            loss.scale_cross)
-            total = sum(w * TERMS[name].compute(Relations(t_img, t_txt, s_img, s_txt, s_img, s_txt), scales)
+            total = sum(w * TERMS[name].compute(loss.relations(t_img, t_txt, s_img, s_txt, log_s, 100.0))
                         for name, w in loss.weights.items())
         total.backward()
         for p in (s_img, s_txt, log_s, *loss.parameters()):

@@ -45,8 +45,8 @@ def make_world():
     student = TinyStudent().double()
     loss = DistillLoss.from_preset("cliprd", student_dim=D_S, teacher_dim=D_T).double()
     with torch.no_grad():  # move the scales off their shared init so each gets its own gradient
-        loss.scale_img.fill_(2.0)
-        loss.scale_txt.fill_(3.0)
+        loss.teachers[0].scale_img.fill_(2.0)
+        loss.teachers[0].scale_txt.fill_(3.0)
     return (images, texts, t_img, t_txt), student, loss
 
 

@@ -332,7 +332,7 @@ def test_module_total_is_the_weighted_sum_of_the_pure_terms():
     total, parts = loss(t_img, t_txt, s_img, s_txt, log_s, tau)
     assert list(parts) == ["task", "crd", "fd", "icl", "vrd", "xrd"]
     s = log_s.exp()
-    a = loss.scale_img, loss.scale_txt, loss.scale_cross
+    a = loss.teachers[0].scale_img, loss.teachers[0].scale_txt, loss.teachers[0].scale_cross
     ref = {
         "task": ref_task(s_img, s_txt, s),
         "crd": ref_crd(t_img, t_txt, s_img, s_txt, tau, s),
@@ -349,24 +349,24 @@ def test_module_total_is_the_weighted_sum_of_the_pure_terms():
 
 def test_unequal_dims_create_heads_and_normalise_after_them():
     loss = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D).double()
-    assert loss.head_img.weight.shape == (D, 4) and loss.head_txt is not loss.head_img
+    assert loss.teachers[0].head_img.weight.shape == (D, 4) and loss.teachers[0].head_txt is not loss.teachers[0].head_img
     t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs(d_s=4)
     total, parts = loss(t_img, t_txt, s_img, s_txt, log_s, tau)
-    p_img = F.normalize(s_img @ loss.head_img.weight.T + loss.head_img.bias, dim=-1)
-    p_txt = F.normalize(s_txt @ loss.head_txt.weight.T + loss.head_txt.bias, dim=-1)
-    s, (ai, at, ax) = log_s.exp(), (loss.scale_img, loss.scale_txt, loss.scale_cross)
+    p_img = F.normalize(s_img @ loss.teachers[0].head_img.weight.T + loss.teachers[0].head_img.bias, dim=-1)
+    p_txt = F.normalize(s_txt @ loss.teachers[0].head_txt.weight.T + loss.teachers[0].head_txt.bias, dim=-1)
+    s, (ai, at, ax) = log_s.exp(), (loss.teachers[0].scale_img, loss.teachers[0].scale_txt, loss.teachers[0].scale_cross)
     ref = (
         ref_task(s_img, s_txt, s) + ref_crd(t_img, t_txt, s_img, s_txt, tau, s)  # S, not P
         + 2000 * ref_fd(t_img, t_txt, p_img, p_txt) + ref_icl(t_img, t_txt, p_img, p_txt, ax)
         + ref_vrd(t_img, t_txt, p_img, p_txt, ai, at) + ref_xrd(t_img, t_txt, p_img, p_txt, ax)
     )
-    head_params = (loss.head_img.weight, loss.head_img.bias, loss.head_txt.weight, loss.head_txt.bias)
+    head_params = (loss.teachers[0].head_img.weight, loss.teachers[0].head_img.bias, loss.teachers[0].head_txt.weight, loss.teachers[0].head_txt.bias)
     check(total, ref, (s_img, s_txt, log_s, ai, at, ax, *head_params))
 
 
 def test_equal_dims_or_student_only_terms_create_no_heads():
-    assert losses.DistillLoss.from_preset("cliprd", student_dim=D, teacher_dim=D).head_img is None
-    assert losses.DistillLoss.from_preset("crd", student_dim=4, teacher_dim=D).head_img is None
+    assert losses.DistillLoss.from_preset("cliprd", student_dim=D, teacher_dim=D).teachers[0].head_img is None
+    assert losses.DistillLoss.from_preset("crd", student_dim=4, teacher_dim=D).teachers[0].head_img is None
 
 
 @pytest.mark.parametrize(
@@ -374,8 +374,8 @@ def test_equal_dims_or_student_only_terms_create_no_heads():
     [
         ("clip", set()),
         ("crd", set()),
-        ("icl", {"scale_cross"}),
-        ("vrd", {"scale_img", "scale_txt", "scale_cross"}),
+        ("icl", {"teachers.0.scale_cross"}),
+        ("vrd", {"teachers.0.scale_img", "teachers.0.scale_txt", "teachers.0.scale_cross"}),
         ("fd", set()),
         ("tinyclip", set()),
     ],
@@ -383,7 +383,7 @@ def test_equal_dims_or_student_only_terms_create_no_heads():
 def test_only_the_parameters_active_terms_use_exist(preset, params):
     assert {n for n, _ in losses.DistillLoss.from_preset(preset).named_parameters()} == params
     loss = losses.DistillLoss.from_preset("cliprd", {"vrd": 0})
-    assert loss.scale_img is None and "vrd" not in loss.weights
+    assert loss.teachers[0].scale_img is None and "vrd" not in loss.weights
 
 
 def test_needs_teacher_and_a_clip_loss_without_teacher():
@@ -406,7 +406,7 @@ def test_student_scale_is_clamped_at_100_and_scales_parameterised():
     assert raw.scales() == pytest.approx({k: math.log(1 / 0.07) for k in ("a_img", "a_txt", "a_cross")})
     assert exp.scales() == pytest.approx({k: 1 / 0.07 for k in ("a_img", "a_txt", "a_cross")}, rel=1e-6)
     with torch.no_grad():
-        exp.scale_cross.fill_(6.0)
+        exp.teachers[0].scale_cross.fill_(6.0)
     assert exp.scales()["a_cross"] == pytest.approx(100.0)
 
 
@@ -414,7 +414,7 @@ def test_exp_scales_enter_the_terms_as_exp():
     loss = losses.DistillLoss.from_preset("xrd", scale_param="exp").double()
     t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs()
     _, parts = loss(t_img, t_txt, s_img, s_txt, log_s, tau)
-    a_x = loss.scale_cross.exp()
+    a_x = loss.teachers[0].scale_cross.exp()
     torch.testing.assert_close(parts["xrd"], ref_xrd(t_img, t_txt, s_img, s_txt, a_x).detach(), **TOL)
 
 
@@ -437,13 +437,13 @@ def test_half_precision_inputs_are_computed_in_float32():
 def test_state_dict_round_trip():
     a = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D)
     with torch.no_grad():
-        a.scale_img.fill_(1.5)
+        a.teachers[0].scale_img.fill_(1.5)
     b = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D)
     b.load_state_dict(a.state_dict())
     assert b.scales()["a_img"] == 1.5
     assert set(a.state_dict()) == {
-        "head_img.weight", "head_img.bias", "head_txt.weight", "head_txt.bias",
-        "scale_img", "scale_txt", "scale_cross",
+        f"teachers.0.{key}" for key in ("head_img.weight", "head_img.bias", "head_txt.weight",
+                                          "head_txt.bias", "scale_img", "scale_txt", "scale_cross")
     }
 
 

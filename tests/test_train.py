@@ -252,7 +252,7 @@ def test_two_architectures_train_from_one_cache_without_the_teacher(
         assert summary["embed_dim"] == 24 and summary["teacher_dim"] == 32
         assert np.isfinite(summary["final_loss"])
         state = real_load(run / "checkpoints" / "step-00000003.pt", weights_only=True)
-        assert state["loss"]["head_img.weight"].shape == (32, 24)
+        assert state["loss"]["teachers.0.head_img.weight"].shape == (32, 24)
 
 
 def test_teacher_forward_counter_sees_a_teacher(tiny_teacher):
@@ -468,7 +468,7 @@ def test_loss_gets_the_cached_rows_of_the_sampled_pairs_the_student_features_and
     # the logged terms: the reference functions on the cache's rows and the recorded student
     weights = losses.weights_for("cliprd")
     s_img, s_txt = call["s_img"].cpu(), call["s_txt"].cpu()
-    state = call["state"]
+    state = {k.removeprefix("teachers.0."): v for k, v in call["state"].items()}  # the one teacher's
     p_img = torch.nn.functional.normalize(
         torch.nn.functional.linear(s_img, state["head_img.weight"], state["head_img.bias"]), dim=-1)
     p_txt = torch.nn.functional.normalize(
@@ -675,8 +675,9 @@ def test_optimizer_groups_follow_open_clip_decay_rule(tiny_clip_config):
     assert id(model.logit_scale) in ids["student_no_decay"]
     assert id(model.visual.conv1.weight) in ids["student_decay"]
     assert id(model.ln_final.weight) in ids["student_no_decay"]
-    assert id(loss.head_img.weight) in ids["loss_decay"]
-    assert {id(loss.scale_img), id(loss.scale_cross), id(loss.head_img.bias)} <= ids["loss_no_decay"]
+    link = loss.teachers[0]
+    assert id(link.head_img.weight) in ids["loss_decay"]
+    assert {id(link.scale_img), id(link.scale_cross), id(link.head_img.bias)} <= ids["loss_no_decay"]
     assert groups["loss_no_decay"]["weight_decay"] == 0 and groups["student_decay"]["weight_decay"] == 0.1
     opt = groups["student_decay"]
     assert opt["betas"] == (0.9, 0.98) and opt["eps"] == 1e-6
