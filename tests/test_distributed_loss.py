@@ -66,7 +66,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain_loss", "ddp_loss"])
+@pytest.mark.parametrize("variant", ["plain_loss", "ddp_loss", "ensemble_ddp_loss"])
 def test_two_gloo_ranks_equal_one_process(runs, variant):
     one, two = runs
     assert one["world_size"] == 1 and two["world_size"] == 2
