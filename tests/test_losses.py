@@ -7,7 +7,9 @@ the scales) must agree to 1e-6.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -453,3 +455,316 @@ def test_mismatched_shapes_get_a_clear_error():
         losses.DistillLoss.from_preset("fd").double()(t_img, t_txt, s_img, s_txt, log_s, tau)
     with pytest.raises(ValueError, match="one row per pair"):
         losses.DistillLoss.from_preset("clip")(None, None, s_img, s_txt[:3], log_s)
+
+
+def test_a_v02_checkpoint_with_single_teacher_names_still_loads():
+    a = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D)
+    with torch.no_grad():
+        a.teachers[0].scale_cross.fill_(1.25)
+    v02 = {key.removeprefix("teachers.0."): value for key, value in a.state_dict().items()}
+    assert "head_img.weight" in v02 and "scale_cross" in v02
+    b = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D)
+    b.load_state_dict(v02)  # strict: every name found
+    for key, value in a.state_dict().items():
+        assert torch.equal(b.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------------------------------
+# One teacher: exactly the single-teacher loss
+
+
+GOLDEN = Path(__file__).with_name("data") / "loss_v02_golden.json"
+
+
+def golden_case(preset: str) -> dict[str, torch.Tensor]:
+    """DistillLoss's total, components and gradients on a fixed input, unequal dims; the
+    keys of tests/data/loss_v02_golden.json (written by this function with the v0.2 loss)."""
+    g = torch.Generator().manual_seed(42)
+
+    def unit_rows(*shape):
+        return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+    t_img, t_txt = unit_rows(6, 7), unit_rows(6, 7)
+    s_img, s_txt = unit_rows(6, 4).requires_grad_(), unit_rows(6, 4).requires_grad_()
+    log_s = torch.tensor(math.log(12.0), dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)  # the heads' init
+    loss = losses.DistillLoss.from_preset(preset, student_dim=4, teacher_dim=7).double()
+    total, parts = loss(t_img, t_txt, s_img, s_txt, log_s, 100.0)
+    total.backward()
+    out = {"total": total.detach(), **{f"parts/{k}": v for k, v in parts.items()},
+           "grad/s_img": s_img.grad, "grad/s_txt": s_txt.grad, "grad/log_s": log_s.grad}
+    out.update({f"param/{i}": p.detach() for i, p in enumerate(loss.parameters())})
+    out.update({f"grad/param/{i}": p.grad for i, p in enumerate(loss.parameters())})
+    return out
+
+
+@pytest.mark.parametrize("preset", ["cliprd", "crd", "distill", "fd"])
+def test_one_teacher_gives_the_v02_loss(preset):
+    """Against numbers recorded with the single-teacher loss before ensembles existed: the
+    same values, gradients, head init (global RNG) and parameter order. Bitwise on the
+    machine that recorded them; 1e-12 here so another CPU's float64 BLAS may differ in the
+    last bits."""
+    want = json.loads(GOLDEN.read_text())[preset]
+    got = golden_case(preset)
+    assert list(got) == list(want)
+    for key, value in got.items():
+        expected = torch.tensor([float.fromhex(h) for h in want[key]], dtype=torch.float64)
+        torch.testing.assert_close(value.flatten(), expected, rtol=1e-12, atol=1e-14, msg=key)
+
+
+def grads_of(value, wrt):
+    return [torch.zeros(()) if g is None else g
+            for g in torch.autograd.grad(value, wrt, allow_unused=True)]
+
+
+def assert_bitwise(a, b, wrt):
+    """Same value and same gradients w.r.t. ``wrt``, bit for bit."""
+    assert torch.equal(a, b), (a, b)
+    for ga, gb in zip(grads_of(a, wrt), grads_of(b, wrt)):
+        assert torch.equal(ga, gb)
+
+
+def test_one_element_sequences_are_bitwise_the_tensor_call(batch):
+    ti, tt, si, st = batch
+    s, tau, ai, at, ax = scalar(9.0), scalar(30.0), scalar(2.659), scalar(3.1), scalar(2.2)
+    one = dict(teacher_weights=[0.3])  # any weight of one teacher is 1
+    wrt = (si, st, s, ai, at, ax)
+    assert_bitwise(losses.crd(ti, tt, si, st, tau, s), losses.crd([ti], [tt], si, st, [tau], s, **one), wrt)
+    assert_bitwise(losses.soft_target_kd(ti, tt, si, st, tau, s),
+                   losses.soft_target_kd([ti], [tt], si, st, [tau], s, **one), wrt)
+    assert_bitwise(losses.affinity_mimic(ti, tt, si, st, tau, s),
+                   losses.affinity_mimic([ti], [tt], si, st, [tau], s, **one), wrt)
+    assert_bitwise(losses.fd(ti, tt, si, st), losses.fd([ti], [tt], [si], [st], **one), wrt)
+    assert_bitwise(losses.icl(ti, tt, si, st, ax), losses.icl([ti], [tt], [si], [st], [ax], **one), wrt)
+    assert_bitwise(losses.vrd(ti, tt, si, st, ai, at),
+                   losses.vrd([ti], [tt], [si], [st], [ai], [at], **one), wrt)
+    assert_bitwise(losses.xrd(ti, tt, si, st, ax), losses.xrd([ti], [tt], [si], [st], [ax], **one), wrt)
+
+
+@pytest.mark.parametrize("preset", ["cliprd", "crd", "distill", "fd"])
+def test_a_one_teacher_list_is_bitwise_the_tensor_call_of_the_module(preset):
+    t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs(d_s=4)
+    torch.manual_seed(0)
+    bare = losses.DistillLoss.from_preset(preset, student_dim=4, teacher_dim=D).double()
+    torch.manual_seed(0)
+    listed = losses.DistillLoss.from_preset(preset, student_dim=4, teacher_dim=[D],
+                                            teacher_weights=[2.0]).double()
+    total_a, parts_a = bare(t_img, t_txt, s_img, s_txt, log_s, tau)
+    total_b, parts_b = listed([t_img], [t_txt], s_img, s_txt, log_s, [tau])
+    assert parts_a.keys() == parts_b.keys()
+    assert all(torch.equal(parts_a[k], parts_b[k]) for k in parts_a)
+    assert torch.equal(total_a, total_b)
+    grads_a = grads_of(total_a, (s_img, s_txt, log_s, *bare.parameters()))
+    grads_b = grads_of(total_b, (s_img, s_txt, log_s, *listed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert bare.scales().keys() == listed.scales().keys()
+
+
+# ---------------------------------------------------------------------------------------
+# An ensemble of teachers against a float64 reference written from the formulas:
+# targets mixed as probabilities sum_k w_k softmax(L_k), KLs and per-teacher terms averaged
+# with w_k, by explicit loops over teachers and rows.
+
+ENS_TOL = dict(rtol=1e-9, atol=1e-10)
+WIDTHS, W = (6, 10), (0.7, 0.3)
+GIVEN_WEIGHTS = (1.4, 0.6)  # what the tests pass: the loss must normalise them to W
+
+
+def ref_softmax_row(row):
+    return [torch.exp(v) for v in ref_log_softmax_row(row)]
+
+
+def ref_mixed_rows(targets, weights):
+    """Row i of the mixture: [sum_k w_k softmax(targets_k[i])_j for j], targets detached."""
+    per_teacher = [[ref_softmax_row(row) for row in ref_rows(t.detach())] for t in targets]
+    n_rows, n_cols = targets[0].shape
+    return [[sum(w * per_teacher[k][i][j] for k, w in enumerate(weights)) for j in range(n_cols)]
+            for i in range(n_rows)]
+
+
+def ref_kl_mixed(targets, weights, inp):
+    """sum_j p_bar_j (log p_bar_j - log q_j), mean over rows."""
+    total = 0.0
+    for p_row, i_row in zip(ref_mixed_rows(targets, weights), ref_rows(inp)):
+        log_q = ref_log_softmax_row(i_row)
+        total = total + sum(p * (torch.log(p) - lq) for p, lq in zip(p_row, log_q))
+    return total / inp.shape[0]
+
+
+def ref_soft_ce_mixed(targets, weights, inp):
+    total = 0.0
+    for p_row, i_row in zip(ref_mixed_rows(targets, weights), ref_rows(inp)):
+        total = total - sum(p * lq for p, lq in zip(p_row, ref_log_softmax_row(i_row)))
+    return total / inp.shape[0]
+
+
+def ref_weighted(values, weights):
+    return sum(w * v for w, v in zip(weights, values))
+
+
+def transposed(ms):
+    return [m.T for m in ms]
+
+
+def ref_ens_crd(tis, tts, si, st, taus, s, w):
+    targets = [tau * ti @ tt.T for ti, tt, tau in zip(tis, tts, taus)]
+    return 0.5 * (ref_kl_mixed(targets, w, s * si @ st.T) + ref_kl_mixed(transposed(targets), w, s * st @ si.T))
+
+
+def ref_ens_soft_target(tis, tts, si, st, taus, s, w):
+    targets = [tau * ti @ tt.T for ti, tt, tau in zip(tis, tts, taus)]
+    return 0.5 * (ref_soft_ce_mixed(targets, w, s * si @ st.T)
+                  + ref_soft_ce_mixed(transposed(targets), w, s * st @ si.T))
+
+
+def ref_ens_vrd(tis, tts, pis, pts, ais, ats, w):
+    m_img = [a * ti @ pi.T for ti, pi, a in zip(tis, pis, ais)]
+    m_txt = [a * tt @ pt.T for tt, pt, a in zip(tts, pts, ats)]
+    kl = 0.5 * (ref_weighted([ref_kl_mixed(m_txt, w, m) for m in m_img], w)
+                + ref_weighted([ref_kl_mixed(transposed(m_txt), w, m.T) for m in m_img], w))
+    ce = ref_weighted([ref_vrd_ce(*args) for args in zip(tis, tts, pis, pts, ais, ats)], w)
+    return kl + ce
+
+
+def ref_ens_xrd(tis, tts, pis, pts, axs, w):
+    a = [ax * ti @ pt.T for ti, pt, ax in zip(tis, pts, axs)]
+    b = [ax * tt @ pi.T for tt, pi, ax in zip(tts, pis, axs)]
+    return 0.25 * sum(
+        ref_weighted([ref_kl_mixed(target, w, x) for x in inputs], w)
+        for target, inputs in ((b, a), (a, b), (transposed(b), transposed(a)), (transposed(a), transposed(b))))
+
+
+def ref_ens_icl(tis, tts, pis, pts, axs, w):
+    return ref_weighted([ref_icl(*args) for args in zip(tis, tts, pis, pts, axs)], w)
+
+
+def ref_ens_fd(tis, tts, pis, pts, w):
+    return ref_weighted([ref_fd(*args) for args in zip(tis, tts, pis, pts)], w)
+
+
+@pytest.fixture
+def ensemble():
+    """Two teachers of widths 6 and 10; the student's S (width D) and its P in each teacher's
+    space (the heads' outputs), correlated with the teachers; every scale its own."""
+    tis = [unit(N, d, seed=20 + k) for k, d in enumerate(WIDTHS)]
+    tts = [unit(N, d, seed=30 + k) for k, d in enumerate(WIDTHS)]
+    pis = [leaf(F.normalize(t + 0.8 * unit(N, t.shape[1], seed=40 + k), dim=-1)) for k, t in enumerate(tis)]
+    pts = [leaf(F.normalize(t + 0.8 * unit(N, t.shape[1], seed=50 + k), dim=-1)) for k, t in enumerate(tts)]
+    si, st = leaf(unit(N, D, seed=60)), leaf(unit(N, D, seed=61))
+    scales = dict(s=scalar(9.0), taus=(30.0, 12.0), ais=(scalar(2.659), scalar(4.0)),
+                  ats=(scalar(3.1), scalar(1.7)), axs=(scalar(2.2), scalar(5.0)))
+    return tis, tts, pis, pts, si, st, scales
+
+
+def check_tight(value, ref, wrt):
+    torch.testing.assert_close(value, ref, **ENS_TOL)
+    for g, w in zip(grads_of(value, wrt), grads_of(ref, wrt)):
+        torch.testing.assert_close(g.double(), w.double(), **ENS_TOL)
+
+
+def test_ensemble_crd_and_soft_target(ensemble):
+    tis, tts, _, _, si, st, sc = ensemble
+    wrt = (si, st, sc["s"])
+    tw = dict(teacher_weights=GIVEN_WEIGHTS)
+    check_tight(losses.crd(tis, tts, si, st, sc["taus"], sc["s"], **tw),
+                ref_ens_crd(tis, tts, si, st, sc["taus"], sc["s"], W), wrt)
+    check_tight(losses.soft_target_kd(tis, tts, si, st, sc["taus"], sc["s"], **tw),
+                ref_ens_soft_target(tis, tts, si, st, sc["taus"], sc["s"], W), wrt)
+
+
+def test_ensemble_fd_and_icl(ensemble):
+    tis, tts, pis, pts, _, _, sc = ensemble
+    tw = dict(teacher_weights=GIVEN_WEIGHTS)
+    check_tight(losses.fd(tis, tts, pis, pts, **tw), ref_ens_fd(tis, tts, pis, pts, W), (*pis, *pts))
+    check_tight(losses.icl(tis, tts, pis, pts, sc["axs"], **tw), ref_ens_icl(tis, tts, pis, pts, sc["axs"], W),
+                (*pis, *pts, *sc["axs"]))
+
+
+def test_ensemble_vrd(ensemble):
+    tis, tts, pis, pts, _, _, sc = ensemble
+    value = losses.vrd(tis, tts, pis, pts, sc["ais"], sc["ats"], teacher_weights=GIVEN_WEIGHTS)
+    check_tight(value, ref_ens_vrd(tis, tts, pis, pts, sc["ais"], sc["ats"], W), (*pis, *pts, *sc["ais"], *sc["ats"]))
+
+
+def test_ensemble_xrd(ensemble):
+    tis, tts, pis, pts, _, _, sc = ensemble
+    value = losses.xrd(tis, tts, pis, pts, sc["axs"], teacher_weights=GIVEN_WEIGHTS)
+    check_tight(value, ref_ens_xrd(tis, tts, pis, pts, sc["axs"], W), (*pis, *pts, *sc["axs"]))
+
+
+def test_equal_weights_by_default_and_a_zero_weight_drops_a_teacher(ensemble):
+    tis, tts, pis, pts, _, _, sc = ensemble
+    check_tight(losses.xrd(tis, tts, pis, pts, sc["axs"]), ref_ens_xrd(tis, tts, pis, pts, sc["axs"], (0.5, 0.5)),
+                (*pis, *pts, *sc["axs"]))
+    torch.testing.assert_close(
+        losses.vrd(tis, tts, pis, pts, sc["ais"], sc["ats"], teacher_weights=(0, 2)),
+        losses.vrd(tis[1], tts[1], pis[1], pts[1], sc["ais"][1], sc["ats"][1]), **ENS_TOL)
+
+
+def test_the_mixture_is_not_the_average_of_the_teachers_losses(ensemble):
+    """Mixing the targets (the ensemble's choice) differs from averaging single-teacher KLs."""
+    tis, tts, _, _, si, st, sc = ensemble
+    mixed = losses.crd(tis, tts, si, st, sc["taus"], sc["s"], teacher_weights=W)
+    averaged = sum(w * losses.crd(ti, tt, si, st, tau, sc["s"]) for w, ti, tt, tau in zip(W, tis, tts, sc["taus"]))
+    assert (averaged - mixed).item() > 1e-3  # KL is convex in its target: the average is larger
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [((1.0, -0.5), ">= 0"), ((0.0, 0.0), "not all 0"), ((1.0,), "1 teacher weights given for 2"),
+     ((1.0, float("inf")), "finite")],
+)
+def test_bad_teacher_weights_raise_one_line_user_errors(weights, message):
+    with pytest.raises(UserError) as err:
+        losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=[6, 10], teacher_weights=weights)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError):
+        losses.fd([unit(N, 6, seed=1)] * 2, [unit(N, 6, seed=2)] * 2, [unit(N, 6, seed=3)] * 2,
+                  [unit(N, 6, seed=4)] * 2, teacher_weights=weights)
+
+
+def test_module_ensemble_has_heads_and_scales_per_teacher_and_equals_the_pure_terms(ensemble):
+    tis, tts, _, _, si, st, sc = ensemble
+    loss = losses.DistillLoss.from_preset("cliprd", {"soft_target": 0.5}, student_dim=D, teacher_dim=list(WIDTHS),
+                                          teacher_weights=GIVEN_WEIGHTS).double()
+    assert [link.head_img.weight.shape for link in loss.teachers] == [(6, D), (10, D)]
+    assert [link.head_txt.weight.shape for link in loss.teachers] == [(6, D), (10, D)]
+    with torch.no_grad():  # every teacher its own scales
+        for link, ai, at, ax in zip(loss.teachers, sc["ais"], sc["ats"], sc["axs"]):
+            link.scale_img.copy_(ai), link.scale_txt.copy_(at), link.scale_cross.copy_(ax)
+    assert set(loss.scales()) == {f"{a}/{k}" for a in ("a_img", "a_txt", "a_cross") for k in (0, 1)}
+    assert {k.split(".")[1] for k in loss.state_dict()} == {"0", "1"}
+    log_s = scalar(math.log(9.0))
+    total, parts = loss(tis, tts, si, st, log_s, sc["taus"])
+
+    projected = [link.project(si, st) for link in loss.teachers]
+    pis, pts = [p for p, _ in projected], [p for _, p in projected]
+    ais, ats, axs = ([getattr(link, name) for link in loss.teachers] for name in ("scale_img", "scale_txt", "scale_cross"))
+    tw = dict(teacher_weights=GIVEN_WEIGHTS)
+    want = {
+        "task": losses.clip_task(si, st, log_s.exp()),
+        "crd": losses.crd(tis, tts, si, st, sc["taus"], log_s.exp(), **tw),
+        "fd": 2000 * losses.fd(tis, tts, pis, pts, **tw),
+        "icl": losses.icl(tis, tts, pis, pts, axs, **tw),
+        "vrd": losses.vrd(tis, tts, pis, pts, ais, ats, **tw),
+        "xrd": losses.xrd(tis, tts, pis, pts, axs, **tw),
+        "soft_target": 0.5 * losses.soft_target_kd(tis, tts, si, st, sc["taus"], log_s.exp(), **tw),
+    }
+    assert parts.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(parts[name], value.detach(), **ENS_TOL)
+    # the gradient reaches each teacher's own heads and scales
+    wrt = (si, st, log_s, *loss.parameters())
+    got = grads_of(total, wrt)
+    for g, w in zip(got, grads_of(sum(want.values()), wrt)):
+        torch.testing.assert_close(g, w, **ENS_TOL)
+    assert all(g.abs().max() > 0 for g in got[3:])
+
+
+def test_module_refuses_a_wrong_teacher_count_or_width(ensemble):
+    tis, tts, _, _, si, st, sc = ensemble
+    loss = losses.DistillLoss.from_preset("icl", student_dim=D, teacher_dim=list(WIDTHS)).double()
+    with pytest.raises(ValueError, match="1 given for 2 teachers"):
+        loss(tis[0], tts[0], si, st, scalar(2.0), 30.0)
+    with pytest.raises(ValueError, match="teacher 1's dim 6"):
+        loss([tis[0], tis[0]], [tts[0], tts[0]], si, st, scalar(2.0), 30.0)
