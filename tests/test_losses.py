@@ -351,18 +351,19 @@ def test_module_total_is_the_weighted_sum_of_the_pure_terms():
 
 def test_unequal_dims_create_heads_and_normalise_after_them():
     loss = losses.DistillLoss.from_preset("cliprd", student_dim=4, teacher_dim=D).double()
-    assert loss.teachers[0].head_img.weight.shape == (D, 4) and loss.teachers[0].head_txt is not loss.teachers[0].head_img
+    link = loss.teachers[0]
+    assert link.head_img.weight.shape == (D, 4) and link.head_txt is not link.head_img
     t_img, t_txt, s_img, s_txt, log_s, tau = module_inputs(d_s=4)
     total, parts = loss(t_img, t_txt, s_img, s_txt, log_s, tau)
-    p_img = F.normalize(s_img @ loss.teachers[0].head_img.weight.T + loss.teachers[0].head_img.bias, dim=-1)
-    p_txt = F.normalize(s_txt @ loss.teachers[0].head_txt.weight.T + loss.teachers[0].head_txt.bias, dim=-1)
-    s, (ai, at, ax) = log_s.exp(), (loss.teachers[0].scale_img, loss.teachers[0].scale_txt, loss.teachers[0].scale_cross)
+    p_img = F.normalize(s_img @ link.head_img.weight.T + link.head_img.bias, dim=-1)
+    p_txt = F.normalize(s_txt @ link.head_txt.weight.T + link.head_txt.bias, dim=-1)
+    s, (ai, at, ax) = log_s.exp(), (link.scale_img, link.scale_txt, link.scale_cross)
     ref = (
         ref_task(s_img, s_txt, s) + ref_crd(t_img, t_txt, s_img, s_txt, tau, s)  # S, not P
         + 2000 * ref_fd(t_img, t_txt, p_img, p_txt) + ref_icl(t_img, t_txt, p_img, p_txt, ax)
         + ref_vrd(t_img, t_txt, p_img, p_txt, ai, at) + ref_xrd(t_img, t_txt, p_img, p_txt, ax)
     )
-    head_params = (loss.teachers[0].head_img.weight, loss.teachers[0].head_img.bias, loss.teachers[0].head_txt.weight, loss.teachers[0].head_txt.bias)
+    head_params = (link.head_img.weight, link.head_img.bias, link.head_txt.weight, link.head_txt.bias)
     check(total, ref, (s_img, s_txt, log_s, ai, at, ax, *head_params))
 
 
@@ -608,7 +609,8 @@ def transposed(ms):
 
 def ref_ens_crd(tis, tts, si, st, taus, s, w):
     targets = [tau * ti @ tt.T for ti, tt, tau in zip(tis, tts, taus)]
-    return 0.5 * (ref_kl_mixed(targets, w, s * si @ st.T) + ref_kl_mixed(transposed(targets), w, s * st @ si.T))
+    return 0.5 * (ref_kl_mixed(targets, w, s * si @ st.T)
+                  + ref_kl_mixed(transposed(targets), w, s * st @ si.T))
 
 
 def ref_ens_soft_target(tis, tts, si, st, taus, s, w):
@@ -631,7 +633,8 @@ def ref_ens_xrd(tis, tts, pis, pts, axs, w):
     b = [ax * tt @ pi.T for tt, pi, ax in zip(tts, pis, axs)]
     return 0.25 * sum(
         ref_weighted([ref_kl_mixed(target, w, x) for x in inputs], w)
-        for target, inputs in ((b, a), (a, b), (transposed(b), transposed(a)), (transposed(a), transposed(b))))
+        for target, inputs in ((b, a), (a, b), (transposed(b), transposed(a)),
+                               (transposed(a), transposed(b))))
 
 
 def ref_ens_icl(tis, tts, pis, pts, axs, w):
@@ -676,14 +679,15 @@ def test_ensemble_fd_and_icl(ensemble):
     tis, tts, pis, pts, _, _, sc = ensemble
     tw = dict(teacher_weights=GIVEN_WEIGHTS)
     check_tight(losses.fd(tis, tts, pis, pts, **tw), ref_ens_fd(tis, tts, pis, pts, W), (*pis, *pts))
-    check_tight(losses.icl(tis, tts, pis, pts, sc["axs"], **tw), ref_ens_icl(tis, tts, pis, pts, sc["axs"], W),
-                (*pis, *pts, *sc["axs"]))
+    check_tight(losses.icl(tis, tts, pis, pts, sc["axs"], **tw),
+                ref_ens_icl(tis, tts, pis, pts, sc["axs"], W), (*pis, *pts, *sc["axs"]))
 
 
 def test_ensemble_vrd(ensemble):
     tis, tts, pis, pts, _, _, sc = ensemble
     value = losses.vrd(tis, tts, pis, pts, sc["ais"], sc["ats"], teacher_weights=GIVEN_WEIGHTS)
-    check_tight(value, ref_ens_vrd(tis, tts, pis, pts, sc["ais"], sc["ats"], W), (*pis, *pts, *sc["ais"], *sc["ats"]))
+    check_tight(value, ref_ens_vrd(tis, tts, pis, pts, sc["ais"], sc["ats"], W),
+                (*pis, *pts, *sc["ais"], *sc["ats"]))
 
 
 def test_ensemble_xrd(ensemble):
@@ -694,8 +698,8 @@ def test_ensemble_xrd(ensemble):
 
 def test_equal_weights_by_default_and_a_zero_weight_drops_a_teacher(ensemble):
     tis, tts, pis, pts, _, _, sc = ensemble
-    check_tight(losses.xrd(tis, tts, pis, pts, sc["axs"]), ref_ens_xrd(tis, tts, pis, pts, sc["axs"], (0.5, 0.5)),
-                (*pis, *pts, *sc["axs"]))
+    check_tight(losses.xrd(tis, tts, pis, pts, sc["axs"]),
+                ref_ens_xrd(tis, tts, pis, pts, sc["axs"], (0.5, 0.5)), (*pis, *pts, *sc["axs"]))
     torch.testing.assert_close(
         losses.vrd(tis, tts, pis, pts, sc["ais"], sc["ats"], teacher_weights=(0, 2)),
         losses.vrd(tis[1], tts[1], pis[1], pts[1], sc["ais"][1], sc["ats"][1]), **ENS_TOL)
@@ -705,7 +709,8 @@ def test_the_mixture_is_not_the_average_of_the_teachers_losses(ensemble):
     """Mixing the targets (the ensemble's choice) differs from averaging single-teacher KLs."""
     tis, tts, _, _, si, st, sc = ensemble
     mixed = losses.crd(tis, tts, si, st, sc["taus"], sc["s"], teacher_weights=W)
-    averaged = sum(w * losses.crd(ti, tt, si, st, tau, sc["s"]) for w, ti, tt, tau in zip(W, tis, tts, sc["taus"]))
+    averaged = sum(w * losses.crd(ti, tt, si, st, tau, sc["s"])
+                   for w, ti, tt, tau in zip(W, tis, tts, sc["taus"]))
     assert (averaged - mixed).item() > 1e-3  # KL is convex in its target: the average is larger
 
 
@@ -725,8 +730,8 @@ def test_bad_teacher_weights_raise_one_line_user_errors(weights, message):
 
 def test_module_ensemble_has_heads_and_scales_per_teacher_and_equals_the_pure_terms(ensemble):
     tis, tts, _, _, si, st, sc = ensemble
-    loss = losses.DistillLoss.from_preset("cliprd", {"soft_target": 0.5}, student_dim=D, teacher_dim=list(WIDTHS),
-                                          teacher_weights=GIVEN_WEIGHTS).double()
+    loss = losses.DistillLoss.from_preset("cliprd", {"soft_target": 0.5}, student_dim=D,
+                                          teacher_dim=list(WIDTHS), teacher_weights=GIVEN_WEIGHTS).double()
     assert [link.head_img.weight.shape for link in loss.teachers] == [(6, D), (10, D)]
     assert [link.head_txt.weight.shape for link in loss.teachers] == [(6, D), (10, D)]
     with torch.no_grad():  # every teacher its own scales
@@ -739,7 +744,8 @@ def test_module_ensemble_has_heads_and_scales_per_teacher_and_equals_the_pure_te
 
     projected = [link.project(si, st) for link in loss.teachers]
     pis, pts = [p for p, _ in projected], [p for _, p in projected]
-    ais, ats, axs = ([getattr(link, name) for link in loss.teachers] for name in ("scale_img", "scale_txt", "scale_cross"))
+    ais, ats, axs = ([getattr(link, name) for link in loss.teachers]
+                     for name in ("scale_img", "scale_txt", "scale_cross"))
     tw = dict(teacher_weights=GIVEN_WEIGHTS)
     want = {
         "task": losses.clip_task(si, st, log_s.exp()),
