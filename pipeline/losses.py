@@ -74,11 +74,11 @@ so the reference API and the training path are the same code.
 
 from __future__ import annotations
 
-import functools
+
 import math
 import operator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, reduce
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -248,7 +248,7 @@ class Relations:
 
     def mean(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         """sum_k w_k values_k (one teacher: 1.0 * value, exact)."""
-        return functools.reduce(operator.add, (w * v for w, v in zip(self.weights, values)))
+        return reduce(operator.add, (w * v for w, v in zip(self.weights, values)))
 
     def mean_kl(self, log_p: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """sum_k w_k KL(p -> inputs_k): one target against each teacher's own input."""
