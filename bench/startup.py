@@ -69,7 +69,7 @@ def clock():  # (wall, CPU of this process and of the scan processes it waited f
 start = clock()
 dataset = open_dataset(DataSpec(sys.argv[1]))
 opened = clock()
-pairs = PairDataset(dataset, None, ImageCfg((32, 32), (0.5,) * 3, (0.5,) * 3), 0, cache=TeacherCache.open(sys.argv[2]))
+pairs = PairDataset(dataset, None, ImageCfg((32, 32), (0.5,) * 3, (0.5,) * 3), 0, caches=[TeacherCache.open(sys.argv[2])])
 joined = clock()
 print(json.dumps({"open_s": opened[0] - start[0], "open_cpu": opened[1] - start[1], "join_s": joined[0] - opened[0],
                   "join_cpu": joined[1] - opened[1], "entries": len(dataset), "usable": len(pairs)}))

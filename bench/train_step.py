@@ -90,7 +90,7 @@ def loop_step_times(spec: DataSpec, cache: TeacherCache, student: str, teacher, 
     loss = DistillLoss.from_preset("cliprd", student_dim=built.embed_dim, teacher_dim=cache.dim).to(device)
     optimizer = build_optimizer(model, loss, 1e-4, 0.1)
     image_cfg = ImageCfg.of_model(model)
-    pairs = PairDataset(open_dataset(spec), built.tokenizer, image_cfg, seed, cache=cache)
+    pairs = PairDataset(open_dataset(spec), built.tokenizer, image_cfg, seed, caches=[cache])
     loader = torch.utils.data.DataLoader(pairs, sampler=EpochBatchSampler(len(pairs), batch, seed),
                                          batch_size=None, num_workers=0)
     normalize = DeviceNormalize(image_cfg.mean, image_cfg.std, device)

@@ -17,6 +17,9 @@ manifest before any byte is read:
 - **Samples.** A lane's *usable samples* are the samples of its shards that the cache
   holds, in shard order: the tar's other samples (rejected while indexing or extracting)
   are skipped. Each sample's key and captions are checked against its cache rows.
+  Several caches (a teacher ensemble) must each be shard-aligned with the data and hold
+  the same samples of every shard (checked per shard against the first); each gives its
+  own rows of the sample.
 - **Shuffle.** A sliding shuffle buffer of ``shuffle_buffer`` samples (seeded by seed,
   epoch, rank, lane) decides the emission order; it is simulated on sample positions
   first, so the reader holds at most that many raw samples and a resumed run knows what
@@ -53,7 +56,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -88,15 +91,18 @@ class StreamLayout:
         return int(self.counts.sum())
 
 
-def streaming_layout(stream: bool | None, spec: DataSpec, cache: Any) -> StreamLayout | None:
+def streaming_layout(stream: bool | None, spec: DataSpec, caches: Sequence[Any]) -> StreamLayout | None:
     """The layout to stream, or None to train from the index. ``stream`` None (auto):
-    stream webdataset data of more than :data:`STREAM_AUTO_MIN_ENTRIES` entries with a
-    shard-aligned cache; True: stream or refuse with one line; False: never."""
+    stream webdataset data of more than :data:`STREAM_AUTO_MIN_ENTRIES` entries with
+    shard-aligned caches; True: stream or refuse with one line; False: never. Every cache
+    must be shard-aligned with the data; the first one's counts lay the stream out."""
     if stream is False:
         return None
     fmt = spec.resolved_format()
+    cache = caches[0] if caches else None
     if stream is None:
-        aligned = cache is not None and cache.manifest.get("layout", {}).get("shard_by") == "data shard"
+        aligned = cache is not None and all(c.manifest.get("layout", {}).get("shard_by") == "data shard"
+                                            for c in caches)
         big = cache is not None and int(cache.manifest["dataset"].get("entries", 0)) > STREAM_AUTO_MIN_ENTRIES
         if fmt != "webdataset" or not (aligned and big):
             return None
@@ -105,7 +111,12 @@ def streaming_layout(stream: bool | None, spec: DataSpec, cache: Any) -> StreamL
     if cache is None:
         raise UserError("--stream needs the teacher cache of the data (--cache): its manifest gives "
                         "the samples of each shard")
-    return _aligned_layout(expand_shards(spec.path), cache)
+    shards = expand_shards(spec.path)
+    layouts = [_aligned_layout(shards, c) for c in caches]
+    for other, layout in zip(caches[1:], layouts[1:]):
+        if not np.array_equal(layout.counts, layouts[0].counts):
+            raise UserError(f"caches {cache.root} and {other.root} hold different samples of the data shards")
+    return layouts[0]
 
 
 def _aligned_layout(shards: list[str], cache: Any) -> StreamLayout:
@@ -316,9 +327,13 @@ class ShardStream:
     def _read_shard(self, shard: int, first_position: int, wanted: np.ndarray) -> Iterator[tuple[int, tuple]]:
         """(lane position, raw sample) of the cached samples of data shard ``shard`` that are
         ``wanted``, in one sequential pass over the tar; a raw sample is (key, dataset entry,
-        captions, image bytes, cache rows). Checks every cached sample against the tar."""
+        captions, image bytes, per cache: its rows). Checks every cached sample against the tar."""
         path = self.layout.shards[shard]
-        ref = _CacheShardRef(self.builder.cache, shard)
+        refs = [_CacheShardRef(cache, shard) for cache in self.builder.caches]
+        ref = refs[0]
+        for other in refs[1:]:
+            if other.keys != ref.keys:
+                raise UserError(f"caches {ref.root} and {other.root} hold other samples of data shard {path}")
         found = 0  # cached samples met so far
         entry = ref.entries.start  # dataset entry of the next indexed sample
         undecodable_seen: set[str] = set()
@@ -345,7 +360,7 @@ class ShardStream:
                 if kept != ref.captions[i]:
                     raise UserError(f"data shard {path} sample {sample.key!r}: captions differ from cache shard "
                                     f"{shard}'s; the cache was made from other data")
-                rows = (ref.image_first + i * ref.views, ref.views, int(ref.text_starts[i]))
+                rows = [(r.image_first + i * r.views, r.views, int(r.text_starts[i])) for r in refs]
                 yield first_position + i, (sample.key, index, ref.captions[i], sample.image_bytes or b"", rows)
         except OSError as err:
             raise UserError(f"cannot read data shard {path}: {err}") from None

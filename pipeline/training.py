@@ -88,6 +88,13 @@ class ImageCfg:
                 "interpolation": self.interpolation, "resize_mode": self.resize_mode}
 
 
+def teacher_keys(k: int) -> tuple[str, str]:
+    """The batch keys of teacher ``k``'s image and text rows: ``t_img``, ``t_txt`` for the
+    first cache (the one-teacher batch), ``t_img1``, ``t_txt1``, ... for the others."""
+    suffix = str(k) if k else ""
+    return f"t_img{suffix}", f"t_txt{suffix}"
+
+
 class PairBuilder:
     """Makes training samples and local batches from what a reader found: the image bytes,
     the captions and the cache rows of one sample. Shared by :class:`PairDataset` (an
@@ -103,16 +110,17 @@ class PairBuilder:
     cache: open_clip's train transform with CLIP-KD's crop scale.
     """
 
-    def __init__(self, tokenizer: Callable, image_cfg: ImageCfg, seed: int, cache: Any = None,
+    def __init__(self, tokenizer: Callable, image_cfg: ImageCfg, seed: int, caches: Sequence[Any] = (),
                  crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, decode: str = "workers"):
         self.tokenizer = tokenizer
+        self.caches = list(caches)
+        cache = self.cache
         # device: samples carry their encoded image and view, for a DeviceDecoder in the main process
         self.encoded = pixels.check_decode(decode) == "device"
         if self.encoded and (cache is None or pixels.mode_of(cache.manifest) != "fast"):
             raise UserError("--decode device replays the views of a fast cache (extract-teacher --preprocess fast)")
         self.image_cfg = image_cfg
         self.seed = int(seed)
-        self.cache = cache
         self._eval_view0 = cache is not None and (
             cache.manifest.get("preprocess", {}).get("resize_mode") or "shortest") == image_cfg.resize_mode
         # the cache's way of making pixels (exact without a cache: open_clip's train transform)
@@ -123,24 +131,23 @@ class PairBuilder:
         self._augment = None
         self._renderer = None
 
+    @property
+    def cache(self) -> Any:
+        """The first cache: its recorded views are the ones replayed (every cache holds the same)."""
+        return self.caches[0] if self.caches else None
+
     def __getstate__(self) -> dict:
-        """Picklable for spawn/forkserver DataLoader workers: the memory-mapped cache is
-        reopened from its folder in the worker, the transforms are rebuilt there."""
-        state = dict(self.__dict__, _augment=None, _renderer=None)
-        if self.cache is not None:
-            state["cache"] = None
-            state["_cache_root"] = str(self.cache.root)
-            state["_cache_check"] = self.cache.check
-        return state
+        """Picklable for spawn/forkserver DataLoader workers: the memory-mapped caches are
+        reopened from their folders in the worker, the transforms are rebuilt there."""
+        return dict(self.__dict__, _augment=None, _renderer=None,
+                    caches=[(str(c.root), c.check) for c in self.caches])
 
     def __setstate__(self, state: dict) -> None:
-        root = state.pop("_cache_root", None)
-        check = state.pop("_cache_check", True)
         self.__dict__.update(state)
-        if root is not None:
+        if self.caches:
             from rdkd.cache import TeacherCache
 
-            self.cache = TeacherCache.open(root, check=check)
+            self.caches = [TeacherCache.open(root, check=check) for root, check in self.caches]
 
     @property
     def renderer(self) -> pixels.ViewRenderer:
@@ -156,40 +163,40 @@ class PairBuilder:
         return self._renderer
 
     def sample(self, epoch: int, index: int, captions: Sequence[str], image_bytes: bytes,
-               rows: tuple[int, int, int] | None = None) -> dict:
-        """One sample: uint8 image, tokens, ``index``, cache rows (-1 without a cache).
-        ``rows``: (first image row, view rows, first caption row) of the sample in the
-        cache. Raises :class:`SampleError` when the image does not decode."""
+               rows: Sequence[tuple[int, int, int]] | None = None) -> dict:
+        """One sample: uint8 image, tokens, ``index``, the first cache's rows (-1 without a
+        cache) and every cache's (``cache_rows``). ``rows``: per cache, (first image row,
+        view rows, first caption row) of the sample. Raises :class:`SampleError` when the
+        image does not decode."""
         from rdkd.data import decode_image
 
         rng = sample_rng(self.seed, epoch, index)
         caption_choice = int(rng.integers(len(captions)))
         if rows is None:
             image_pixels = self._augmented(decode_image(image_bytes), int(rng.integers(2**63 - 1)))
-            image_row = text_row = -1
+            cache_rows = [(-1, -1)]
         else:
-            start, count, text_start = rows
+            count = rows[0][1]  # every cache holds the same views of a sample
             view = int(rng.integers(count))
-            image_row = int(start + view)
-            text_row = int(text_start + caption_choice)
+            cache_rows = [(int(start + view), int(text_start + caption_choice)) for start, _, text_start in rows]
             if view == 0 and self._eval_view0:
                 chosen = None
             else:
-                box, flip = self.cache.view_params(np.asarray([image_row], dtype=np.int64))
+                box, flip = self.cache.view_params(np.asarray([cache_rows[0][0]], dtype=np.int64))
                 chosen = (box[0].tolist(), bool(flip[0]))
             if self.encoded:
                 text = self.tokenizer([captions[caption_choice]])[0]
                 return {"image": pixels.checked_bytes(image_bytes), "view": chosen, "text": text, "index": index,
-                        "image_row": image_row, "text_row": text_row}
+                        "cache_rows": cache_rows}
             image_pixels = self.renderer.view_pixels(image_bytes, chosen)
         text = self.tokenizer([captions[caption_choice]])[0]
-        return {"image": image_pixels, "text": text, "index": index,
-                "image_row": image_row, "text_row": text_row}
+        return {"image": image_pixels, "text": text, "index": index, "cache_rows": cache_rows}
 
     def collate(self, samples: Sequence[dict], skipped: list[tuple[str, str]]) -> dict:
-        """A local batch (the format of the module docstring) with the teacher rows of
-        exactly its views and captions: one read per batch, in storage dtype. The images go
-        into one buffer, in shared memory inside a DataLoader worker (no copy on hand-over)."""
+        """A local batch (the format of the module docstring) with every teacher's rows of
+        exactly its views and captions: one read per batch and cache, in storage dtype. The
+        images go into one buffer, in shared memory inside a DataLoader worker (no copy on
+        hand-over)."""
         if self.encoded:  # the encoded images and their views (None: the eval view), host lists
             images = [s["image"] for s in samples]
         else:
@@ -201,16 +208,19 @@ class PairBuilder:
             "image": images,
             "text": torch.stack([s["text"] for s in samples]),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-            "image_row": torch.tensor([s["image_row"] for s in samples], dtype=torch.int64),
-            "text_row": torch.tensor([s["text_row"] for s in samples], dtype=torch.int64),
+            "image_row": torch.tensor([s["cache_rows"][0][0] for s in samples], dtype=torch.int64),
+            "text_row": torch.tensor([s["cache_rows"][0][1] for s in samples], dtype=torch.int64),
             "skipped": skipped,
         }
         if self.encoded:
             batch["view"] = [s["view"] for s in samples]
             batch["host_index"] = [s["index"] for s in samples]
-        if self.cache is not None:
-            batch["t_img"] = self.cache.image_embeddings(batch["image_row"].numpy(), stored=True)
-            batch["t_txt"] = self.cache.text_embeddings(batch["text_row"].numpy(), stored=True)
+        for k, cache in enumerate(self.caches):
+            image_rows = np.asarray([s["cache_rows"][k][0] for s in samples], dtype=np.int64)
+            text_rows = np.asarray([s["cache_rows"][k][1] for s in samples], dtype=np.int64)
+            image_key, text_key = teacher_keys(k)
+            batch[image_key] = cache.image_embeddings(image_rows, stored=True)
+            batch[text_key] = cache.text_embeddings(text_rows, stored=True)
         return batch
 
     def _augmented(self, image: Image.Image, torch_seed: int) -> torch.Tensor:
@@ -228,30 +238,33 @@ class PairBuilder:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(image, caption) training pairs of a dataset, joined by key with a teacher cache.
+    """(image, caption) training pairs of a dataset, joined by key with its teacher caches.
 
     Indexed by a list of ``(epoch, position)`` items (one local batch, as
     :class:`EpochBatchSampler` yields them; give the DataLoader ``sampler=`` and
     ``batch_size=None``) and returns the batch as a dict: ``image`` uint8 [B, 3, H, W],
-    ``text`` tokens, ``index`` dataset entries, ``image_row`` / ``text_row`` cache rows,
-    ``t_img`` / ``t_txt`` the teacher rows in storage dtype (with a cache), ``skipped``.
-    ``position`` indexes the usable entries: dataset entries the cache holds and did not
-    reject (without a cache: every entry). An image that fails to decode is skipped: the
-    item falls back to the next usable entry and reports the skipped key with its reason.
-    Samples are made by a :class:`PairBuilder` (``.builder``).
+    ``text`` tokens, ``index`` dataset entries, ``image_row`` / ``text_row`` the first
+    cache's rows, per cache ``k`` the teacher rows in storage dtype under
+    :func:`teacher_keys` ``(k)`` (``t_img`` / ``t_txt`` for the first), ``skipped``.
+    ``position`` indexes the usable entries: dataset entries every cache holds and did not
+    reject (without a cache: every entry); each cache is joined by key on its own, so
+    caches of one dataset cut into shards differently still agree. An image that fails to
+    decode is skipped: the item falls back to the next usable entry and reports the skipped
+    key with its reason. Samples are made by a :class:`PairBuilder` (``.builder``).
     """
 
     def __init__(self, data: Any, tokenizer: Callable, image_cfg: ImageCfg, seed: int,
-                 cache: Any = None, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, decode: str = "workers"):
+                 caches: Sequence[Any] = (), crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+                 decode: str = "workers"):
         self.data = data
-        self.builder = PairBuilder(tokenizer, image_cfg, seed, cache, crop_scale, decode)
+        self.builder = PairBuilder(tokenizer, image_cfg, seed, caches, crop_scale, decode)
         self.image_cfg = image_cfg
         self.skipped_at_join: dict[str, int] = {}
-        if cache is None:
+        if not caches:
             self.entries = np.arange(len(data), dtype=np.int64)
-            self.image_rows = self.text_rows = None
+            self.cache_rows = None
         else:
-            self._join(data, cache)
+            self._join(data, caches)
         if len(self.entries) == 0:
             raise UserError("no usable training samples: the dataset is empty or every entry was rejected")
 
@@ -259,24 +272,26 @@ class PairDataset(torch.utils.data.Dataset):
     def cache(self) -> Any:
         return self.builder.cache
 
-    def _join(self, data: Any, cache: Any) -> None:
-        """Rows of every usable entry, as flat arrays: all keys joined with the cache at once
-        (:meth:`TeacherCache.lookup`), no per-entry Python. An entry is usable when the
-        cache holds its rows (a key can also be in the rejects, as the later copy of a
-        duplicate); the others are counted by whether the cache rejected them."""
+    def _join(self, data: Any, caches: Sequence[Any]) -> None:
+        """Rows of every usable entry, as flat arrays: all keys joined with each cache at
+        once (:meth:`TeacherCache.lookup`), no per-entry Python. An entry is usable when
+        every cache holds its rows (a key can also be in the rejects, as the later copy of a
+        duplicate); the others are counted by whether a cache rejected them."""
         keys = pa.array(data.keys, pa.large_string())
-        rows = cache.lookup(keys)
-        usable = rows.found
+        found = [cache.lookup(keys) for cache in caches]
+        usable = np.logical_and.reduce([rows.found for rows in found])
         missing = ~usable
         rejected = np.zeros_like(missing)
-        rejected[missing] = cache.is_rejected(keys.filter(pa.array(missing)))
+        missing_keys = keys.filter(pa.array(missing))
+        rejected[missing] = np.logical_or.reduce([cache.is_rejected(missing_keys) for cache in caches])
         for reason, count in (("rejected by the cache", rejected.sum()),
                               ("not in the cache", (missing & ~rejected).sum())):
             if count:
                 self.skipped_at_join[reason] = self.skipped_at_join.get(reason, 0) + int(count)
         self.entries = np.flatnonzero(usable).astype(np.int64)
-        self.image_rows = (rows.image_row[usable], rows.image_count[usable])
-        self.text_rows = (rows.text_row[usable], rows.text_count[usable])
+        # [caches, usable entries, 3]: first image row, view rows, first caption row
+        self.cache_rows = np.stack([np.stack([rows.image_row[usable], rows.image_count[usable],
+                                              rows.text_row[usable]], axis=1) for rows in found])
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -305,9 +320,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _load(self, epoch: int, pos: int) -> dict:
         index = int(self.entries[pos])
-        rows = None
-        if self.image_rows is not None:
-            rows = (int(self.image_rows[0][pos]), int(self.image_rows[1][pos]), int(self.text_rows[0][pos]))
+        rows = None if self.cache_rows is None else [tuple(r) for r in self.cache_rows[:, pos].tolist()]
         return self.builder.sample(epoch, index, self.data.captions(index), self.data.read_image_bytes(index), rows)
 
 

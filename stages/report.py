@@ -14,6 +14,9 @@ What is compared:
 
 - headline metrics: retrieval R@1 both ways, zero-shot top-1 of each task, and the fidelity
   of the image embeddings to the teacher (kNN@k overlap, linear CKA);
+- runs distilled from different teacher sets (``teachers``: one cache's teacher or an
+  ensemble's, ``a+b``) are told apart: the method becomes ``method [teachers]`` when the
+  runs hold more than one teacher set;
 - paired comparisons: for every two methods on the same student, the per-seed differences
   of each headline metric over the seeds both ran (same seed: same data order and
   initialisation, so the seed's own luck cancels), their mean and 95% confidence interval
@@ -207,11 +210,29 @@ def headline_metrics(all_metrics: Sequence[str]) -> list[tuple[str, str, str]]:
 
 
 def _method_order(methods: Sequence[str]) -> list[str]:
-    """Presets in rdkd.losses order (simpler recipes first), then other labels by name."""
+    """Presets in rdkd.losses order (simpler recipes first; a preset's teacher sets by
+    name), then other labels by name."""
     from rdkd.losses import PRESETS
 
     known = list(PRESETS)
-    return sorted(methods, key=lambda m: (known.index(m), "") if m in known else (len(known), m))
+
+    def key(method: str) -> tuple[int, str]:
+        preset = method.split(" [")[0]
+        return (known.index(preset), method) if preset in known else (len(known), method)
+
+    return sorted(methods, key=key)
+
+
+def _by_teacher_set(runs: list[dict]) -> list[dict]:
+    """The runs, each distilled run's method labelled ``method [teachers]`` when the runs
+    come from more than one teacher set (single teachers and ensembles side by side), so
+    that they are grouped and paired apart; otherwise as they are."""
+    sets = {run.get("teachers") for run in runs if run.get("teachers")}
+    if len(sets) > 1:
+        for run in runs:
+            if run.get("teachers") and run["method"] != TEACHER_METHOD:
+                run["method"] = f"{run['method']} [{run['teachers']}]"
+    return runs
 
 
 # --- comparisons ----------------------------------------------------------------------------
@@ -328,7 +349,7 @@ def report(inputs: Sequence[str | Path] = DEFAULT_INPUTS, out: str | Path = DEFA
     """Aggregate and compare the runs; write the report files; return ``{"runs", "groups",
     "paired", "gap_closed", "plots"}``."""
     files = _find_metrics_files(inputs)
-    runs = [{"path": f.as_posix(), **run_labels(f), "metrics": _load_metrics(f)} for f in files]
+    runs = _by_teacher_set([{"path": f.as_posix(), **run_labels(f), "metrics": _load_metrics(f)} for f in files])
 
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run in runs:
@@ -461,7 +482,7 @@ def _written(cell: Any) -> Any:
 
 
 def _write_runs_csv(path: Path, runs: list[dict], all_metrics: list[str]) -> None:
-    labels = ["method", "student", "seed", "teacher_forwards", "embed_dim"]
+    labels = ["method", "student", "seed", "teacher_forwards", "embed_dim", "teachers"]
     rows = [[r["path"]] + ["" if r[k] is None else r[k] for k in labels]
             + [r["metrics"].get(m, "") for m in all_metrics] for r in runs]
     atomic_write_csv(path, ["path"] + labels + all_metrics, [[_written(c) for c in row] for row in rows])

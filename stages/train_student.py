@@ -53,7 +53,7 @@ import torch
 from rdkd import checkpoints, distributed, pixels, runtime, streaming
 from rdkd.errors import UserError
 from rdkd.files import atomic_write
-from rdkd.labels import RUN_FILE, RunLabels
+from rdkd.labels import RUN_FILE, RunLabels, teacher_set
 from rdkd.options import option
 from rdkd.training import (
     EpochBatchSampler,
@@ -71,6 +71,7 @@ from rdkd.training import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    teacher_keys,
 )
 
 CHECKPOINT_FORMAT = checkpoints.TRAIN_FORMAT  # tensors and plain data: loads with weights_only=True
@@ -83,7 +84,7 @@ PIECE_BYTES = 32 << 20
 # and what they resolved to on this data).
 RESUME_MUST_MATCH = ("student", "method", "weights", "scale_param", "seed", "batch_size", "total_steps",
                      "lr", "weight_decay", "warmup", "grad_clip", "precision",
-                     "dataset_fingerprint", "cache_fingerprint", "stream")
+                     "dataset_fingerprint", "cache_fingerprint", "teacher_weights", "stream")
 
 
 def _weight_overrides(words: Sequence[str] | None) -> dict[str, float]:
@@ -91,6 +92,13 @@ def _weight_overrides(words: Sequence[str] | None) -> dict[str, float]:
     from rdkd.losses import parse_weight_overrides
 
     return parse_weight_overrides(words or [])
+
+
+def one_or_list(values: Sequence[Any]) -> Any:
+    """What a run records per teacher: the value itself for one teacher (as before
+    ensembles existed: such runs and their checkpoints keep their records), a list for
+    several, None for none."""
+    return None if not values else values[0] if len(values) == 1 else list(values)
 
 
 @dataclass
@@ -118,7 +126,13 @@ class TrainConfig:
     student: str = option(..., "open_clip model name or model-config JSON (e.g. pipeline/model_configs/ViT-T-16.json).")
     method: str = option("cliprd", "Loss preset: clip, crd, fd, icl, clipkd, vrd, xrd, cliprd, distill, tinyclip.",
                          "--loss")
-    cache: str | None = option(None, "Teacher-embedding cache of this dataset (rdkd extract-teacher).")
+    cache: list[str] = option(
+        ..., "Teacher-embedding cache of this dataset (rdkd extract-teacher); repeat it to distil from an "
+             "ensemble of teachers (caches of the same data and views).", factory=list,
+        parse=lambda paths: [str(p) for p in paths or []], cli_type=Optional[List[str]], cli_default=None)
+    cache_weight: list[float] = option(
+        ..., "Weight of each --cache's teacher in the ensemble, in --cache order (default: equal).", factory=list,
+        parse=lambda weights: list(weights or []), cli_type=Optional[List[float]], cli_default=None)
     init: str | None = option(None, "Start from these weights (checkpoint path or open_clip tag); default random init.")
     weights: dict[str, float] = option(
         ..., "Override one term weight, TERM=VALUE (repeatable), e.g. fd=1000.", "--weight", factory=dict,
@@ -163,11 +177,11 @@ class TrainConfig:
                                  "Streaming: raw samples each DataLoader worker holds to shuffle.", min=1)
 
     def to_dict(self) -> dict:
-        """JSON-ready, paths as given (relative paths stay relative)."""
+        """JSON-ready, paths as given (relative paths stay relative); ``cache`` one path
+        for one teacher (:func:`one_or_list`)."""
         record = asdict(self)
         record["data"] = asdict(self.data) if hasattr(self.data, "__dataclass_fields__") else str(self.data)
-        if record["decode"] == "workers":  # the default, left out: run.json keeps the bytes it had before the option
-            del record["decode"]
+        record["cache"] = one_or_list(self.cache)
         return record
 
 
@@ -182,11 +196,13 @@ class Plan:
     samples: int
     world_size: int
     dataset_fingerprint: str
-    cache_fingerprint: str | None
+    # per teacher (one_or_list): a value for one cache, a list for an ensemble, None for none
+    cache_fingerprint: str | list[str] | None
     embed_dim: int
-    teacher_dim: int | None
+    teacher_dim: int | list[int] | None
     student_image_cfg: dict
-    teacher: dict | None
+    teacher: dict | list[dict] | None
+    teacher_weights: list[float] | None  # normalised, in cache order; None: one teacher or none
     stream: dict | None = None  # streaming: the shape of the stream (ShardStream.shape); None: indexed
 
 
@@ -208,7 +224,7 @@ class Run:
     pairs: PairDataset | streaming.ShardStream
     normalize: runtime.DeviceNormalize
     decoder: pixels.DeviceDecoder | None
-    t_scale: torch.Tensor
+    t_scales: list[torch.Tensor]  # each teacher's logit-scale multiplier tau (1.0 without a teacher)
     out_dir: Path
     log_dir: Path
     trained: list[torch.nn.Parameter]
@@ -226,19 +242,19 @@ class Progress:
     resumed_from: int | None = None
 
 
-def train_student(data: Any, student: str, method: str = "cliprd", cache: str | Path | None = None,
-                  **options: Any) -> dict:
+def train_student(data: Any, student: str, method: str = "cliprd",
+                  cache: str | Path | Sequence[str | Path] | None = None, **options: Any) -> dict:
     """Train one student; return the run summary (also written to ``<out>/run.json``).
 
-    ``options`` are the other fields of :class:`TrainConfig` (``rdkd train-student``'s
-    options, by field name). Raises :class:`UserError` for bad input before anything is
+    ``cache``: a teacher cache, or several (an ensemble of teachers). ``options`` are the
+    other fields of :class:`TrainConfig` (``rdkd train-student``'s options, by field name). Raises :class:`UserError` for bad input before anything is
     written, :class:`rdkd.training.LossNotFinite` when the run diverges.
     """
     for name in ("init", "resume", "out", "log_dir"):
         if options.get(name) is not None:
             options[name] = str(options[name])
-    config = TrainConfig(data=data, student=student, method=method,
-                         cache=str(cache) if cache is not None else None, **options)
+    caches = [] if cache is None else [cache] if isinstance(cache, (str, Path)) else list(cache)
+    config = TrainConfig(data=data, student=student, method=method, cache=[str(c) for c in caches], **options)
     joined_here = not torch.distributed.is_initialized()
     log = None
     try:
@@ -312,10 +328,13 @@ def train_step(run: Run, batch: dict, window: LogWindow) -> None:
         s_img, s_txt = _student_outputs(run.train_model(images, batch["text"]))
     s_img, s_txt = distributed.gather_batch(s_img.float(), s_txt.float())
     t_img = t_txt = None
-    if run.loss_module.needs_teacher:
-        t_img, t_txt = distributed.gather_batch(batch["t_img"].float(), batch["t_txt"].float())
-    # the loss takes the student's logit_scale in log space and clamps exp() to 100
-    total, parts = run.loss_module(t_img, t_txt, s_img, s_txt, run.model.logit_scale, run.t_scale)
+    if run.loss_module.needs_teacher:  # every teacher's rows, gathered in one call
+        rows = distributed.gather_batch(*(batch[key].float() for k in range(len(run.t_scales))
+                                          for key in teacher_keys(k)))
+        t_img, t_txt = one_or_list(rows[0::2]), one_or_list(rows[1::2])
+    # the loss takes the student's logit_scale in log space and clamps exp() to 100; one
+    # teacher's tensors and scale go in bare, several as lists
+    total, parts = run.loss_module(t_img, t_txt, s_img, s_txt, run.model.logit_scale, one_or_list(run.t_scales))
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(total).backward()
     if run.config.grad_clip:
@@ -348,40 +367,42 @@ def setup(config: TrainConfig) -> Run:
         raise UserError("give exactly one of --epochs and --steps")
     term_weights = losses.weights_for(config.method, config.weights)
 
-    cache, layout, dataset = _open_data(config)
-    if any(losses.TERMS[name].uses_teacher for name in term_weights) and cache is None:
+    caches, layout, dataset = _open_data(config)
+    if any(losses.TERMS[name].uses_teacher for name in term_weights) and not caches:
         raise UserError(f"--loss {config.method} distils from a teacher: give its embedding cache with --cache")
+    teacher_weights = _teacher_weights(config, len(caches))
 
     built = _build_student(config, device)
     model = built.model
     image_cfg = ImageCfg.of_model(model)
-    teacher_dim = cache.dim if cache is not None else None
+    teacher_dims = [cache.dim for cache in caches]
     loss_module = losses.DistillLoss(term_weights, student_dim=built.embed_dim,
-                                     teacher_dim=teacher_dim or built.embed_dim,
-                                     scale_param=config.scale_param).to(device)
+                                     teacher_dim=teacher_dims or built.embed_dim, scale_param=config.scale_param,
+                                     teacher_weights=teacher_weights).to(device)
 
     local_batch = config.batch_size // dist.world_size
     if layout is None:
-        pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, cache=cache, decode=config.decode)
+        pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, caches, decode=config.decode)
         steps_per_epoch = EpochBatchSampler(len(pairs), local_batch, config.seed,
                                             dist.rank, dist.world_size).steps_per_epoch
         samples, fingerprint = len(pairs), dataset.fingerprint
-    else:  # the cache vouches for the data; the stream checks each sample's key and captions against it
-        pieces = math.ceil(local_batch * _sample_bytes(image_cfg, built.model_config, teacher_dim) / PIECE_BYTES)
-        pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, cache,
+    else:  # the caches vouch for the data; the stream checks each sample's key and captions against them
+        pieces = math.ceil(local_batch * _sample_bytes(image_cfg, built.model_config, teacher_dims) / PIECE_BYTES)
+        pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, caches,
                                                           decode=config.decode),
                                       local_batch, config.seed, dist.rank, dist.world_size, config.workers,
                                       config.shuffle_buffer, pieces=pieces)
         steps_per_epoch = pairs.steps_per_epoch(epochs=config.epochs, steps=config.steps)
-        samples, fingerprint = layout.samples, cache.dataset_fingerprint
+        samples, fingerprint = layout.samples, caches[0].dataset_fingerprint
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     plan = Plan(
         weights=loss_module.weights, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         warmup=min(10_000, total_steps // 10) if config.warmup is None else config.warmup,
         samples=samples, world_size=dist.world_size, dataset_fingerprint=fingerprint,
-        cache_fingerprint=cache.cache_id if cache is not None else None, embed_dim=built.embed_dim,
-        teacher_dim=teacher_dim, student_image_cfg=image_cfg.to_dict(),
-        teacher=cache.manifest.get("teacher") if cache is not None else None,
+        cache_fingerprint=one_or_list([cache.cache_id for cache in caches]), embed_dim=built.embed_dim,
+        teacher_dim=one_or_list(teacher_dims), student_image_cfg=image_cfg.to_dict(),
+        teacher=one_or_list([cache.manifest.get("teacher") for cache in caches]),
+        teacher_weights=teacher_weights if len(caches) > 1 else None,
         stream=pairs.shape if layout is not None else None)
 
     out_dir, resume_state = _output_and_resume(config, plan)
@@ -398,32 +419,61 @@ def setup(config: TrainConfig) -> Run:
         scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
         pairs=pairs, normalize=runtime.DeviceNormalize(image_cfg.mean, image_cfg.std, device),
         decoder=pixels.DeviceDecoder(pairs.builder.renderer, device) if config.decode == "device" else None,
-        t_scale=torch.tensor(cache.logit_scale if cache is not None else 1.0, device=device),
+        t_scales=[torch.tensor(cache.logit_scale, device=device) for cache in caches],
         out_dir=out_dir, log_dir=Path(config.log_dir) if config.log_dir else out_dir / "logs",
         trained=[p for g in optimizer.param_groups for p in g["params"]], resume_state=resume_state)
     return run
 
 
-def _open_data(config: TrainConfig) -> tuple[Any, streaming.StreamLayout | None, Any]:
-    """(cache, stream layout, dataset): data and cache joined by key (or streamed shard
-    beside shard), checked before anything is written; ``config.data`` becomes a DataSpec."""
+def _open_data(config: TrainConfig) -> tuple[list[Any], streaming.StreamLayout | None, Any]:
+    """(caches, stream layout, dataset): data and each cache joined by key (or streamed
+    shard beside shard), checked before anything is written; ``config.data`` becomes a
+    DataSpec."""
+    from rdkd.cache import TeacherCache
     from rdkd.data import DataSpec, open_dataset
 
     spec = config.data if isinstance(config.data, DataSpec) else DataSpec(str(config.data))
     config.data = spec
-    cache = None
-    if config.cache is not None:
-        from rdkd.cache import TeacherCache
-
-        cache = TeacherCache.open(Path(config.cache), check=config.verify_cache is not False)
-    layout = streaming.streaming_layout(config.stream, spec, cache)
+    caches = [TeacherCache.open(Path(path), check=config.verify_cache is not False) for path in config.cache]
+    _check_same_views(caches)
+    layout = streaming.streaming_layout(config.stream, spec, caches)
     dataset = open_dataset(spec) if layout is None else None
-    if cache is not None:
-        if dataset is not None and cache.dataset_fingerprint != dataset.fingerprint:
-            raise UserError(f"cache {config.cache} was made from another dataset (fingerprint "
-                            f"{cache.dataset_fingerprint[:12]} != {dataset.fingerprint[:12]} of {spec.path})")
+    for cache in caches:
+        fingerprint = dataset.fingerprint if dataset is not None else caches[0].dataset_fingerprint
+        if cache.dataset_fingerprint != fingerprint:
+            raise UserError(f"cache {cache.root} was made from another dataset (fingerprint "
+                            f"{cache.dataset_fingerprint[:12]} != {fingerprint[:12]} of {spec.path})")
         _verify_cache(cache, config.verify_cache)
-    return cache, layout, dataset
+    return caches, layout, dataset
+
+
+def _check_same_views(caches: Sequence[Any]) -> None:
+    """Refuse, with one line, an ensemble whose caches hold other views of an image: the
+    student replays the first cache's views, so every cache must have embedded the same
+    regions the same way (same view count, seed and crop ranges; same eval-view region,
+    which the resize mode decides; same way of making pixels)."""
+    def views_of(cache: Any) -> dict:
+        return {"views": cache.manifest.get("views"), "pixels": pixels.mode_of(cache.manifest),
+                "eval view resize": cache.manifest.get("preprocess", {}).get("resize_mode") or "shortest"}
+
+    first = views_of(caches[0]) if caches else None
+    for cache in caches[1:]:
+        differ = [name for name, value in views_of(cache).items() if value != first[name]]
+        if differ:
+            raise UserError(f"caches {caches[0].root} and {cache.root} hold other views of the images "
+                            f"({', '.join(differ)} differ); an ensemble needs caches extracted with the same "
+                            f"--views settings and resize mode")
+
+
+def _teacher_weights(config: TrainConfig, teachers: int) -> list[float] | None:
+    """--cache-weight as the ensemble's normalised teacher weights (None: equal)."""
+    from rdkd.losses import normalized_teacher_weights
+
+    if not config.cache_weight:
+        return None
+    if len(config.cache_weight) != teachers:
+        raise UserError(f"{len(config.cache_weight)} --cache-weight values for {teachers} --cache; give one per cache")
+    return list(normalized_teacher_weights(config.cache_weight, teachers))
 
 
 def _build_student(config: TrainConfig, device: torch.device) -> Any:
@@ -493,7 +543,7 @@ def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
     worker reads its own shards), their prefetch sized by bytes: what is in flight does not
     grow with the batch size."""
     local = run.config.batch_size // run.dist.world_size
-    sample_bytes = _sample_bytes(run.pairs.image_cfg, run.model_config, run.plan.teacher_dim)
+    sample_bytes = _sample_bytes(run.pairs.image_cfg, run.model_config, [c.dim for c in run.pairs.builder.caches])
     workers = run.config.workers
     if isinstance(run.pairs, streaming.ShardStream):
         stream = run.pairs
@@ -512,12 +562,12 @@ def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
     return loader, sampler.pieces
 
 
-def _sample_bytes(image_cfg: ImageCfg, model_config: dict, teacher_dim: int | None) -> int:
+def _sample_bytes(image_cfg: ImageCfg, model_config: dict, teacher_dims: Sequence[int]) -> int:
     """Bytes of one sample as the workers ship it, at most: uint8 image, int64 tokens, two
-    teacher rows (counted as float32, the widest storage dtype)."""
+    rows per teacher (counted as float32, the widest storage dtype)."""
     height, width = image_cfg.size
     context = model_config.get("text_cfg", {}).get("context_length", 77)
-    return 3 * height * width + 8 * context + 2 * (teacher_dim or 0) * 4
+    return 3 * height * width + 8 * context + 2 * sum(teacher_dims) * 4
 
 
 # --- log, checkpoint, finish ---------------------------------------------------------------------
@@ -618,7 +668,8 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
     summary = {
         **config.to_dict(), **asdict(plan),
         **RunLabels(method=config.method, student=_student_label(config.student), seed=config.seed,
-                    teacher_forwards=teacher_forwards, embed_dim=plan.embed_dim).to_dict(),
+                    teacher_forwards=teacher_forwards, embed_dim=plan.embed_dim,
+                    teachers=teacher_set([c.manifest["teacher"] for c in run.pairs.builder.caches])).to_dict(),
         "student_spec": config.student,
         "steps": plan.total_steps, "epochs": plan.total_steps / plan.steps_per_epoch,
         "global_batch": config.batch_size, "skipped": progress.skipped,

@@ -87,8 +87,8 @@ def test_device_replay_gives_the_workers_pixels(caches, photo_dataset, tiny_teac
     cache = TeacherCache.open(caches["workers"])
     dataset = open_dataset(photo_dataset)
     items = [(0, p) for p in range(8)]
-    on_workers = PairDataset(dataset, loaded.tokenizer, cfg, 0, cache=cache)[items]
-    encoded = PairDataset(dataset, loaded.tokenizer, cfg, 0, cache=cache, decode="device")
+    on_workers = PairDataset(dataset, loaded.tokenizer, cfg, 0, caches=[cache])[items]
+    encoded = PairDataset(dataset, loaded.tokenizer, cfg, 0, caches=[cache], decode="device")
     batch = encoded[items]
     assert isinstance(batch["image"][0], bytes) and torch.equal(batch["t_img"], on_workers["t_img"])
 

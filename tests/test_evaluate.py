@@ -72,7 +72,7 @@ def test_teacher_model_files_and_keys(teacher_scored):
     assert info["dataset_fingerprint"] and info["index_factory"] == "Flat"
     run = json.loads((out.parent / "labels.json").read_text())
     assert run == {"method": "open_clip", "student": "tiny-clip", "seed": None, "teacher_forwards": None,
-                   "embed_dim": 32}
+                   "embed_dim": 32, "teachers": None}
     assert info["precision"] == "fp32" and not (out.parent / "run.json").exists()
 
 
@@ -178,13 +178,14 @@ def test_student_export_with_run_info_and_zero_shot(tmp_path, csv_dataset, tiny_
     run_dir = tmp_path / "students" / "run"
     export_clip(loaded.model, loaded.model_config, run_dir / "export")
     (run_dir / "run.json").write_text(json.dumps({"method": "vrd", "student": "tiny", "seed": 3, "steps": 5,
-                                                  "teacher_forwards": 0}))
+                                                  "teacher_forwards": 0, "teachers": "big+wide"}))
     task = ZeroShotTask("animals", str(zeroshot_tree), templates="a photo of a {}.|a blurry {c}.")
     out = tmp_path / "eval" / "metrics.json"
     result = evaluate(out, model=parse_model_spec(str(run_dir / "export")), zeroshot=[task], workers=1,
                       device="cpu", per_class=True)
     assert json.loads((out.parent / "labels.json").read_text()) == {"method": "vrd", "student": "tiny", "seed": 3,
-                                                                    "teacher_forwards": 0, "embed_dim": 32}
+                                                                    "teacher_forwards": 0, "embed_dim": 32,
+                                                                    "teachers": "big+wide"}
     assert result["zeroshot/animals/images"] == 9
     assert result["zeroshot/animals/top5"] == 1.0  # capped at 3 classes
     # The same answer by hand: class index = sorted folder order, names from the folders

@@ -371,11 +371,12 @@ def test_pair_dataset_join_equals_the_per_key_join(which, request):
     data = open_dataset(spec)
     keys = pa.array(data.keys)
     assert cache._aligned_lookup(keys) is not None  # the shard-by-shard path is the one taken
-    pairs = PairDataset(data, None, ImageCfg(size=(32, 32), mean=(0, 0, 0), std=(1, 1, 1)), seed=0, cache=cache)
+    pairs = PairDataset(data, None, ImageCfg(size=(32, 32), mean=(0, 0, 0), std=(1, 1, 1)), seed=0, caches=[cache])
     entries, rows, skipped = _per_key_join(list(data.keys), cache)
     assert pairs.entries.tolist() == entries and pairs.skipped_at_join == skipped
-    assert list(zip(*pairs.image_rows, *pairs.text_rows)) == rows
-    assert pairs.entries.dtype == np.int64 and pairs.image_rows[1].dtype == np.int32
+    [cache_rows] = pairs.cache_rows  # one cache: [entries, (first image row, views, first caption row)]
+    assert [(i, v, t) for i, v, t, _ in rows] == [tuple(r) for r in cache_rows.tolist()]
+    assert pairs.entries.dtype == np.int64
     if which == "bad_wds_cache":  # decode rejects are dataset entries the cache holds no rows for
         assert skipped == {"rejected by the cache": 4}
         # the kept copy of a duplicated key trains, though its key is in the rejects (the later copy)

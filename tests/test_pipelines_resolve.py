@@ -1,4 +1,4 @@
-"""Both DVC pipelines resolve, and every rdkd command in them parses against the real CLI.
+"""The DVC pipelines resolve, and every rdkd command in them parses against the real CLI.
 
 The paper pipeline (experiments/paper) cannot run here (no GPUs, no CC3M/CC12M, no
 downloads); this checks that it is complete and valid as written.
@@ -42,7 +42,8 @@ def _parse(args: list[str]) -> None:
     group.commands[name].make_context(name, rest)
 
 
-@pytest.mark.parametrize("pipeline_dir", [REPO, REPO / "experiments/paper"], ids=["demo", "paper"])
+@pytest.mark.parametrize("pipeline_dir", [REPO, REPO / "experiments/paper", REPO / "experiments/ensemble"],
+                         ids=["demo", "paper", "ensemble"])
 def test_every_stage_command_parses(pipeline_dir: Path) -> None:
     commands = _stage_commands(pipeline_dir)
     assert commands

@@ -64,8 +64,8 @@ def _stream(stream_data, stream_cache, tiny_vit, batch, rank=0, world=1, workers
 
     cache = TeacherCache.open(stream_cache)
     student = create_student(tiny_vit)
-    builder = PairBuilder(student.tokenizer, ImageCfg.of_model(student.model), seed=3, cache=cache)
-    return ShardStream(streaming_layout(True, stream_data, cache), builder, batch, seed=3, rank=rank,
+    builder = PairBuilder(student.tokenizer, ImageCfg.of_model(student.model), seed=3, caches=[cache])
+    return ShardStream(streaming_layout(True, stream_data, [cache]), builder, batch, seed=3, rank=rank,
                        world=world, workers=workers, shuffle_buffer=buffer, pieces=pieces)
 
 
@@ -111,13 +111,13 @@ def test_auto_streams_big_webdataset_data_with_an_aligned_cache(monkeypatch, str
     from rdkd.cache import TeacherCache
 
     cache = TeacherCache.open(stream_cache)
-    assert streaming.streaming_layout(None, stream_data, cache) is None  # 48 entries: the index
-    assert streaming.streaming_layout(False, stream_data, cache) is None
+    assert streaming.streaming_layout(None, stream_data, [cache]) is None  # 48 entries: the index
+    assert streaming.streaming_layout(False, stream_data, [cache]) is None
     monkeypatch.setattr(streaming, "STREAM_AUTO_MIN_ENTRIES", 40)
-    layout = streaming.streaming_layout(None, stream_data, cache)
+    layout = streaming.streaming_layout(None, stream_data, [cache])
     assert layout.counts.tolist() == [6, 6, 5, 6, 6, 6, 6, 6] and layout.samples == 47
-    assert streaming.streaming_layout(None, csv_dataset, cache) is None  # not webdataset
-    assert streaming.streaming_layout(None, stream_data, None) is None  # no cache
+    assert streaming.streaming_layout(None, csv_dataset, [cache]) is None  # not webdataset
+    assert streaming.streaming_layout(None, stream_data, []) is None  # no cache
 
 
 def test_batches_come_in_equal_pieces_that_divide_them(stream_data, stream_cache, tiny_vit):
@@ -242,7 +242,7 @@ def test_a_sample_gets_the_same_view_and_caption_streamed_or_indexed(stream_data
     stream = _stream(stream_data, stream_cache, tiny_vit, batch=4, workers=0)
     student = create_student(tiny_vit)
     pairs = PairDataset(open_dataset(stream_data), student.tokenizer, ImageCfg.of_model(student.model), seed=3,
-                        cache=TeacherCache.open(stream_cache))
+                        caches=[TeacherCache.open(stream_cache)])
     position = {int(e): p for p, e in enumerate(pairs.entries)}
     steps = stream.steps_per_epoch(epochs=2)
     batches = stream.batches(0, steps)

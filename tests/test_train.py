@@ -206,7 +206,7 @@ def test_replayed_views_and_captions_match_their_teacher_rows(teacher_cache, csv
     student = create_student(tiny_teacher.config, init=tiny_teacher.pretrained)
     student.model.eval()
     pairs = PairDataset(open_dataset(csv_dataset), student.tokenizer, ImageCfg.of_model(student.model),
-                        seed=3, cache=cache)
+                        seed=3, caches=[cache])
     assert len(pairs) == 12 and cache.views == 3
     batch = pairs[[(epoch, pos) for epoch in (0, 1) for pos in range(12)]]
     assert batch["image"].dtype == torch.uint8  # normalised on the device, in the step
@@ -863,7 +863,7 @@ def test_init_from_an_rdkd_checkpoint_and_pickled_workers(tmp_path, csv_dataset,
 
     student = create_student(tiny_vit)
     pairs = PairDataset(open_dataset(csv_dataset), student.tokenizer, ImageCfg.of_model(student.model),
-                        seed=0, cache=TeacherCache.open(teacher_cache))
+                        seed=0, caches=[TeacherCache.open(teacher_cache)])
     copy = pickle.loads(pickle.dumps(pairs))
     for item in [(0, 0), (2, 5)]:
         a, b = pairs[[item]], copy[[item]]

@@ -52,7 +52,7 @@ def test_batches_cross_the_process_boundary_compact(csv_dataset, teacher_cache, 
     student = create_student(tiny_vit)
     cache = TeacherCache.open(teacher_cache)
     pairs = PairDataset(open_dataset(csv_dataset), student.tokenizer, ImageCfg.of_model(student.model),
-                        seed=0, cache=cache)
+                        seed=0, caches=[cache])
     batch = pairs[[(0, p) for p in range(8)]]
     height, width = pairs.image_cfg.size
     itemsize = batch["t_img"].element_size()
