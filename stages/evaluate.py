@@ -4,11 +4,15 @@ What can be scored (exactly one):
 
 - a model: any open_clip spec (:class:`rdkd.models.ModelSpec`): a student export written by
   ``rdkd train-student`` (``local-dir:.../export`` or its folder), the teacher, or any
-  third-party open_clip model, encoded on the fly (batched; DataLoader workers decode and
-  hand over uint8 pixels, normalised on the device; ``precision`` fp32, or bf16/fp16
-  autocast). Pixels are made the teacher cache's way (:mod:`rdkd.pixels`: ``exact`` or
-  ``fast``, from ``teacher_cache``, else from the student's ``run.json``, else exact);
-  ``decode="device"`` has the workers hand over the encoded images and the device decode them;
+  third-party open_clip model, encoded on the fly by :class:`rdkd.encoding.Encoder`, the
+  encoder extract-teacher fills caches with (DataLoader workers decode and hand over uint8
+  pixels, normalised on the device; ``precision`` fp32, or bf16/fp16 autocast; float32
+  L2-normalisation; batches overlapped), so fidelity compares embeddings made one way.
+  Pixels are made the teacher cache's way (:mod:`rdkd.pixels`: ``exact`` or ``fast``, from
+  ``teacher_cache``, else from the student's ``run.json``, else exact); ``decode="device"``
+  has the workers hand over the encoded images and the device decode them. Zero-shot class
+  prompts go through the same encoder, grouped as ``open_clip.build_zero_shot_classifier``
+  groups them;
 - a teacher cache (``cache=``): its stored rows (view 0, the teacher's eval view) are scored
   as they are, with nothing recomputed: the images of ``data`` (whose fingerprint must match
   the cache's), or every image of the cache when no ``data`` is given.
@@ -46,14 +50,13 @@ written; the outputs are replaced atomically at the end, so a failed run loses n
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -62,12 +65,19 @@ import torch
 from rdkd import metrics as M
 from rdkd import pixels, runtime
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
+from rdkd.encoding import Encoder
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_csv, atomic_write_json
 from rdkd.labels import LABELS_FILE, RUN_FILE, RunLabels
 from rdkd.options import option
 
+if TYPE_CHECKING:  # rdkd.models (open_clip) is imported when a model is loaded, not to score a cache
+    from rdkd.models import LoadedClip
+
 EVALUATION_INFO = "evaluation.json"
+# Classes whose prompts go through the model in one forward: open_clip's
+# build_zero_shot_classifier's batching, so that the classifier has its bits.
+_CLASSES_PER_FORWARD = 10
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -282,23 +292,19 @@ def _collate(batch: list) -> tuple[list[int], torch.Tensor | list[bytes] | None,
     return [i for i, _ in good], (torch.stack([x for _, x in good]) if good else None), bad
 
 
-class _Encoder:
-    """A loaded model on its device: images and texts to L2-normalised float32 embeddings,
-    batched, under the run's precision, with a progress bar per pass. Embeddings stay on the
-    device until a pass ends (no wait on the device per batch)."""
+class _EvalEncoder:
+    """The model's :class:`rdkd.encoding.Encoder`, fed as evaluate reads: DataLoader workers
+    decode image files or dataset entries to uint8 pixels at the model's input size (with
+    ``decode="device"`` they hand over the encoded images and the device decodes them),
+    captions and class prompts are tokenised in the main process; a progress bar per pass."""
 
-    def __init__(self, loaded, device: torch.device, config: "EvalConfig", preprocess: str = pixels.DEFAULT_MODE):
-        self.loaded, self.device, self.precision = loaded, device, config.precision
+    def __init__(self, loaded: LoadedClip, device: torch.device, config: "EvalConfig",
+                 preprocess: str = pixels.DEFAULT_MODE):
+        self.encoder = Encoder(loaded, device, config.precision)
+        self.device = device
         self.batch_size, self.workers, self.show_progress = config.batch_size, config.workers, config.progress
         self.renderer = pixels.ViewRenderer.of_model(loaded.preprocess, loaded.preprocess_cfg, preprocess)
         self.decoder = pixels.DeviceDecoder(self.renderer, device) if config.decode == "device" else None
-        self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
-
-    @contextlib.contextmanager
-    def compute(self) -> Iterator[None]:
-        """No gradients, autocast of the precision."""
-        with torch.no_grad(), runtime.autocast(self.device, self.precision):
-            yield
 
     def images(self, source: Any, description: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """(embeddings of the readable images, their entry indices, (entry, reason) of the others)."""
@@ -308,33 +314,53 @@ class _Encoder:
             collate_fn=_collate, pin_memory=self.device.type == "cuda",
         )
         chunks, kept, bad = [], [], []
-        with runtime.progress(self.show_progress, description, len(source)) as advance, self.compute():
-            for indices, images, rejects in loader:
-                if isinstance(images, list):  # encoded: decoded on the device; what no path decodes is skipped
-                    images, failed = self.decoder.decode(images, [[None]] * len(images))
-                    if failed:
-                        lost = {i for i, _ in failed}
-                        rejects = rejects + [(indices[i], reason) for i, reason in failed]
-                        images = images[[i for i in range(len(indices)) if i not in lost]]
-                        indices = [entry for i, entry in enumerate(indices) if i not in lost]
-                if images is not None and len(indices):
-                    images = self.normalize(images.to(self.device, non_blocking=True))
-                    chunks.append(self.loaded.model.encode_image(images, normalize=True).float())
+        with runtime.progress(self.show_progress, description, len(source)) as advance:
+            for done in self.encoder.stream(self._decoded(loader)):
+                indices, rejects = done.tag
+                if done.images is not None:
+                    chunks.append(done.images)
                     kept.extend(indices)
                 bad.extend(rejects)
                 advance(len(indices) + len(rejects))
-        embeddings = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, self.loaded.embed_dim), np.float32)
+        embeddings = np.concatenate(chunks) if chunks else np.zeros((0, self.encoder.dim), np.float32)
         return embeddings, np.asarray(kept, np.int64), bad
 
+    def _decoded(self, loader: Iterable) -> Iterator[tuple[tuple[list[int], list], torch.Tensor | None, None]]:
+        """The loader's batches as the encoder's inputs, tagged (entries, (entry, reason) of
+        the rejects); encoded images are decoded on the device here, and those no path
+        decodes join the rejects."""
+        for indices, images, rejects in loader:
+            if isinstance(images, list):
+                images, failed = self.decoder.decode(images, [[None]] * len(images))
+                if failed:
+                    lost = {i for i, _ in failed}
+                    rejects = rejects + [(indices[i], reason) for i, reason in failed]
+                    images = images[[i for i in range(len(indices)) if i not in lost]]
+                    indices = [entry for i, entry in enumerate(indices) if i not in lost]
+            yield (indices, rejects), images if indices else None, None
+
     def texts(self, texts: Sequence[str], description: str) -> np.ndarray:
+        """[len(texts), dim] embeddings, in order."""
+        batches = (list(texts[start:start + self.batch_size]) for start in range(0, len(texts), self.batch_size))
         chunks = []
-        with runtime.progress(self.show_progress, description, len(texts)) as advance, self.compute():
-            for start in range(0, len(texts), self.batch_size):
-                batch = list(texts[start : start + self.batch_size])
-                tokens = self.loaded.tokenizer(batch).to(self.device, non_blocking=True)
-                chunks.append(self.loaded.model.encode_text(tokens, normalize=True).float())
-                advance(len(batch))
-        return torch.cat(chunks).cpu().numpy()
+        with runtime.progress(self.show_progress, description, len(texts)) as advance:
+            for done in self.encoder.stream((len(b), None, self.encoder.tokenizer(b)) for b in batches):
+                chunks.append(done.texts)
+                advance(done.tag)
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.encoder.dim), np.float32)
+
+    def classifier(self, classnames: Sequence[str], templates: Sequence[Callable[[str], str]]) -> torch.Tensor:
+        """[classes, dim]: per class the mean of its prompts' embeddings, re-normalised, as
+        ``open_clip.build_zero_shot_classifier`` builds it (the same classes a forward), with
+        the encoder's precision and normalisation."""
+        groups = (classnames[start:start + _CLASSES_PER_FORWARD]
+                  for start in range(0, len(classnames), _CLASSES_PER_FORWARD))
+        prompts = ((len(g), None, self.encoder.tokenizer([t(c) for c in g for t in templates])) for g in groups)
+        rows = []
+        for done in self.encoder.stream(prompts):
+            mean = torch.from_numpy(done.texts).reshape(done.tag, len(templates), -1).mean(dim=1)
+            rows.append(mean / mean.norm(dim=1, keepdim=True))
+        return torch.cat(rows)
 
 
 # --- the eval set ---------------------------------------------------------------------------
@@ -582,7 +608,7 @@ def _open_inputs(config: EvalConfig) -> _Inputs:
         from rdkd.models import load_clip
 
         loaded = load_clip(config.model, device=dev)
-        encoder = _Encoder(loaded, dev, config, _preprocess_of(config.model, teacher))
+        encoder = _EvalEncoder(loaded, dev, config, _preprocess_of(config.model, teacher))
     inputs = _Inputs(dev, dev.type == "cuda" and faiss.get_num_gpus() > 0, dataset, scored_cache, teacher,
                      zero_shot_sets, loaded, encoder)
     if config.index_factory:
@@ -655,7 +681,7 @@ def _fidelity(config: EvalConfig, inputs: _Inputs, scored: "EvalEmbeddings") -> 
     return {**{f"fidelity/{k}": v for k, v in fidelity.items()}, "fidelity/images": float(len(reference.keys))}
 
 
-def _encode_eval_set(encoder: _Encoder, dataset) -> EvalEmbeddings:
+def _encode_eval_set(encoder: _EvalEncoder, dataset) -> EvalEmbeddings:
     images, kept, bad = encoder.images(dataset, "encoding images")
     order = np.argsort(kept)  # DataLoader keeps order; sort anyway so rows follow the dataset
     images, kept = images[order], kept[order]
@@ -668,18 +694,12 @@ def _encode_eval_set(encoder: _Encoder, dataset) -> EvalEmbeddings:
                           np.repeat(np.arange(len(kept)), [len(c) for c in captions]), skipped)
 
 
-def _zero_shot(encoder: _Encoder, zs: _ZeroShotSet) -> tuple[dict[str, float], np.ndarray]:
-    import open_clip
-
-    loaded = encoder.loaded
-    with encoder.compute():
-        classifier = open_clip.build_zero_shot_classifier(
-            loaded.model, loaded.tokenizer, zs.classnames, zs.templates, device=encoder.device,
-        )  # [dim, classes]: per class the mean of normalised template embeddings, re-normalised
+def _zero_shot(encoder: _EvalEncoder, zs: _ZeroShotSet) -> tuple[dict[str, float], np.ndarray]:
+    classifier = encoder.classifier(zs.classnames, zs.templates)
     images, kept, bad = encoder.images(zs.images, f"zero-shot {zs.task.name}")
     if len(kept) == 0:
         raise UserError(f"zero-shot set {zs.task.name}: no readable image")
-    result, per_class = M.zero_shot_metrics(images, classifier.float().T.cpu(), zs.labels[kept])
+    result, per_class = M.zero_shot_metrics(images, classifier, zs.labels[kept])
     result["images"] = float(len(kept))
     result["skipped"] = float(len(bad))
     return result, per_class
