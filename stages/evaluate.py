@@ -17,6 +17,11 @@ What can be scored (exactly one):
   as they are, with nothing recomputed: the images of ``data`` (whose fingerprint must match
   the cache's), or every image of the cache when no ``data`` is given.
 
+A cache (scored, or the ``teacher_cache``) is checked as train-student checks one: every
+file there with the size its manifest records before anything is encoded
+(:meth:`rdkd.cache.TeacherCache.verify`), each file's sha256 before its rows are used. Keys
+are joined to it in one :meth:`rdkd.cache.TeacherCache.lookup`.
+
 What is measured:
 
 - retrieval on ``data`` (any :class:`rdkd.data.DataSpec`; several captions per image are the
@@ -43,9 +48,10 @@ Outputs (``out`` is the metrics file; default ``artifacts/eval/<name>/metrics.js
 The files hold no timings, host names or paths other than those given, so the same inputs
 give the same bytes (a pipeline can hash them).
 
-Bad input (missing files, a cache of another eval set, an empty class list, a template
-without ``{}``, an index factory FAISS rejects) raises :class:`UserError` before anything is
-written; the outputs are replaced atomically at the end, so a failed run loses nothing.
+Bad input (missing files, a damaged cache, a cache of another eval set, an empty class list,
+a template without ``{}``, an index factory FAISS rejects) raises :class:`UserError` before
+anything is written; the outputs are replaced atomically at the end, so a failed run loses
+nothing.
 """
 
 from __future__ import annotations
@@ -60,10 +66,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optio
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import torch
 
 from rdkd import metrics as M
 from rdkd import pixels, runtime
+from rdkd.cache import TeacherCache
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
 from rdkd.encoding import Encoder
 from rdkd.errors import SampleError, UserError
@@ -385,30 +393,31 @@ class EvalEmbeddings:
                               np.repeat(np.arange(len(rows)), stops - starts), self.skipped)
 
 
-def _from_cache(cache, keys: Sequence[str] | None) -> EvalEmbeddings:
-    """The cache's view-0 image rows and caption rows of ``keys`` (default: all, cache order)."""
+def _from_cache(cache: TeacherCache, keys: Sequence[str] | None) -> tuple[EvalEmbeddings, np.ndarray]:
+    """The cache's view-0 image rows and caption rows of ``keys`` (default: all, cache
+    order), joined in one :meth:`TeacherCache.lookup`; and where in ``keys`` those found are."""
     if keys is None:
-        view0 = np.arange(0, cache.num_image_rows, cache.views, dtype=np.int64)
-        keys = cache.image_keys(view0)
-    image_rows, text_rows, counts, found, skipped = [], [], [], [], []
-    for key in keys:
-        entry = cache.find(key)
-        if entry is None:
-            skipped.append({"key": key, "reason": "not in the teacher cache (rejected at extraction)"})
-            continue
-        found.append(key)
-        image_rows.append(entry.image_rows.start)  # view 0: the teacher's eval view
-        text_rows.extend(entry.text_rows)
-        counts.append(len(entry.text_rows))
-    images = cache.image_embeddings(np.asarray(image_rows, np.int64)).numpy()
-    texts = cache.text_embeddings(np.asarray(text_rows, np.int64)).numpy()
-    return EvalEmbeddings(found, images, texts, np.repeat(np.arange(len(found)), counts), skipped)
+        keys = cache.image_keys(np.arange(0, cache.num_image_rows, cache.views, dtype=np.int64))
+    keys = pa.array(keys, pa.large_string())
+    rows = cache.lookup(keys)
+    found = np.flatnonzero(rows.found)
+    skipped = [{"key": key, "reason": "not in the teacher cache (rejected at extraction)"}
+               for key in keys.filter(pa.array(~rows.found)).to_pylist()]
+    counts = rows.text_count[found].astype(np.int64)
+    firsts = np.cumsum(counts) - counts  # where each image's captions start among the rows taken
+    text_rows = np.repeat(rows.text_row[found] - firsts, counts) + np.arange(counts.sum())
+    images = cache.image_embeddings(rows.image_row[found]).numpy()  # the first view row: the teacher's eval view
+    texts = cache.text_embeddings(text_rows).numpy()
+    scored = EvalEmbeddings(keys.filter(pa.array(rows.found)).to_pylist(), images, texts,
+                            np.repeat(np.arange(len(found)), counts), skipped)
+    return scored, found
 
 
-def _open_cache_for(path: str | Path, dataset, role: str):
-    from rdkd.cache import TeacherCache
-
+def _open_cache_for(path: str | Path, dataset, role: str) -> TeacherCache:
+    """The cache at ``path``, refused in one line when a file is missing or of another size
+    than its manifest says, or when it is of another dataset than the eval set."""
     cache = TeacherCache.open(path)
+    cache.require_intact(sizes_only=True)
     if dataset is not None and cache.dataset_fingerprint != dataset.fingerprint:
         raise UserError(
             f"the {role} {path} was built from another dataset than the eval set {dataset.spec.path} "
@@ -643,7 +652,7 @@ def _score(config: EvalConfig, inputs: _Inputs) -> tuple[dict[str, float], dict[
     if inputs.dataset is not None or inputs.scored_cache is not None:
         if inputs.scored_cache is not None:  # without a dataset: every image of the cache
             keys = inputs.dataset.keys if inputs.dataset is not None else None
-            scored = _from_cache(inputs.scored_cache, keys)
+            scored, _ = _from_cache(inputs.scored_cache, keys)
         else:
             scored = _encode_eval_set(inputs.encoder, inputs.dataset)
         skipped = scored.skipped
@@ -670,9 +679,8 @@ def _score(config: EvalConfig, inputs: _Inputs) -> tuple[dict[str, float], dict[
 
 def _fidelity(config: EvalConfig, inputs: _Inputs, scored: "EvalEmbeddings") -> dict[str, float]:
     """Fidelity of the scored embeddings to the teacher cache's rows of the same items."""
-    reference = _from_cache(inputs.teacher, scored.keys)
-    rows = {key: r for r, key in enumerate(scored.keys)}
-    student = scored.subset(np.asarray([rows[k] for k in reference.keys], np.int64))
+    reference, found = _from_cache(inputs.teacher, scored.keys)
+    student = scored.subset(found)
     if not np.array_equal(student.text_image, reference.text_image):
         raise UserError(f"teacher cache {config.teacher_cache} holds other captions than the eval set")
     fidelity = M.fidelity_metrics(student.images, student.texts, reference.images, reference.texts,
