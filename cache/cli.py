@@ -9,7 +9,6 @@ from rich.table import Table
 
 from rdkd import pixels
 from rdkd.cache.reader import TeacherCache
-from rdkd.errors import UserError
 
 
 def _mib(n: int) -> str:
@@ -59,10 +58,7 @@ def print_info(path: Path, console: Console | None = None) -> None:
 def verify(path: Path, console: Console | None = None) -> None:
     """Check checksums, counts and dims; ``UserError`` (one line, exit 2) on the first problem."""
     cache = TeacherCache.open(path)
-    problems = cache.verify()
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"cache {path} is damaged: {problems[0]}{more}")
+    cache.require_intact()
     files = 2 + 2 * cache.num_shards
     (console or Console()).print(
         f"ok: {path}: {files} files match their sha256; {cache.num_images:,} images, {cache.num_texts:,} captions, dim {cache.dim}"

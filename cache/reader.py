@@ -20,6 +20,11 @@ A cache is input that may come from elsewhere, so the reader trusts it only this
   start-up. Looking keys up in the shards' key columns (:meth:`TeacherCache.lookup`)
   hashes nothing: the rows found are checked when they are read. ``check=False`` (rdkd
   train-student --no-verify-cache) turns the checks off.
+- **Whole, on request.** :meth:`TeacherCache.verify` (``rdkd cache verify``) hashes every
+  file and checks the shards' rows and dims against the manifest's counts;
+  ``verify(sizes_only=True)`` only stats each file against the byte size the manifest
+  records, what train-student and evaluate check before they start.
+  :meth:`TeacherCache.require_intact` is either check as one line.
 """
 
 from __future__ import annotations
@@ -538,15 +543,25 @@ class TeacherCache:
     def rejected_keys(self) -> list[str]:
         return self.rejects.column("key").to_pylist()
 
-    def verify(self) -> list[str]:
-        """Check every file's checksum, the counts and the embedding dims; the problems found."""
+    def verify(self, sizes_only: bool = False) -> list[str]:
+        """The problems found, none when the cache is whole: every file of the manifest must
+        be there with its sha256, the shards with the rows and dims it records, the counts
+        must add up. ``sizes_only``: only that every file is there with the byte size the
+        manifest records, a stat per file whatever the cache's size (what a stage checks
+        before it starts: the damage a size cannot show is caught by each file's sha256
+        before its contents are used, see the module docstring)."""
         problems: list[str] = []
         for entry in manifest_files(self.manifest):
             path = fmt.contained_file(self.root, entry["file"])
             if not path.is_file():
                 problems.append(f"{entry['file']}: missing")
+            elif sizes_only:
+                if "bytes" in entry and (size := path.stat().st_size) != int(entry["bytes"]):
+                    problems.append(f"{entry['file']}: {size} bytes, manifest says {entry['bytes']}")
             elif fmt.sha256_file(path) != entry["sha256"]:
                 problems.append(f"{entry['file']}: sha256 mismatch")
+        if sizes_only:
+            return problems
         for kind, column in (("images", self.images), ("texts", self.texts)):
             for position, s in enumerate(self.manifest["shards"]):
                 if not column.files[position].is_file():
@@ -576,3 +591,12 @@ class TeacherCache:
             self.images.checked[:] = self.texts.checked[:] = 1
             self._index_checked = True
         return problems
+
+    def require_intact(self, sizes_only: bool = False) -> None:
+        """:meth:`verify`, refusing a damaged cache with one line (:class:`UserError`) that
+        names the first problem."""
+        problems = self.verify(sizes_only)
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            then = f"run `rdkd cache verify {self.root}` or extract it again" if sizes_only else "extract it again"
+            raise UserError(f"teacher cache {self.root} is damaged: {problems[0]}{more}; {then}")

@@ -4,14 +4,23 @@ What can be scored (exactly one):
 
 - a model: any open_clip spec (:class:`rdkd.models.ModelSpec`): a student export written by
   ``rdkd train-student`` (``local-dir:.../export`` or its folder), the teacher, or any
-  third-party open_clip model, encoded on the fly (batched; DataLoader workers decode and
-  hand over uint8 pixels, normalised on the device; ``precision`` fp32, or bf16/fp16
-  autocast). Pixels are made the teacher cache's way (:mod:`rdkd.pixels`: ``exact`` or
-  ``fast``, from ``teacher_cache``, else from the student's ``run.json``, else exact);
-  ``decode="device"`` has the workers hand over the encoded images and the device decode them;
+  third-party open_clip model, encoded on the fly by :class:`rdkd.encoding.Encoder`, the
+  encoder extract-teacher fills caches with (DataLoader workers decode and hand over uint8
+  pixels, normalised on the device; ``precision`` fp32, or bf16/fp16 autocast; float32
+  L2-normalisation; batches overlapped), so fidelity compares embeddings made one way.
+  Pixels are made the teacher cache's way (:mod:`rdkd.pixels`: ``exact`` or ``fast``, from
+  ``teacher_cache``, else from the student's ``run.json``, else exact); ``decode="device"``
+  has the workers hand over the encoded images and the device decode them. Zero-shot class
+  prompts go through the same encoder, grouped as ``open_clip.build_zero_shot_classifier``
+  groups them;
 - a teacher cache (``cache=``): its stored rows (view 0, the teacher's eval view) are scored
   as they are, with nothing recomputed: the images of ``data`` (whose fingerprint must match
   the cache's), or every image of the cache when no ``data`` is given.
+
+A cache (scored, or the ``teacher_cache``) is checked as train-student checks one: every
+file there with the size its manifest records before anything is encoded
+(:meth:`rdkd.cache.TeacherCache.verify`), each file's sha256 before its rows are used. Keys
+are joined to it in one :meth:`rdkd.cache.TeacherCache.lookup`.
 
 What is measured:
 
@@ -39,35 +48,44 @@ Outputs (``out`` is the metrics file; default ``artifacts/eval/<name>/metrics.js
 The files hold no timings, host names or paths other than those given, so the same inputs
 give the same bytes (a pipeline can hash them).
 
-Bad input (missing files, a cache of another eval set, an empty class list, a template
-without ``{}``, an index factory FAISS rejects) raises :class:`UserError` before anything is
-written; the outputs are replaced atomically at the end, so a failed run loses nothing.
+Bad input (missing files, a damaged cache, a cache of another eval set, an empty class list,
+a template without ``{}``, an index factory FAISS rejects) raises :class:`UserError` before
+anything is written; the outputs are replaced atomically at the end, so a failed run loses
+nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import torch
 
 from rdkd import metrics as M
 from rdkd import pixels, runtime
+from rdkd.cache import TeacherCache
 from rdkd.data import IMAGE_EXTENSIONS, DataSpec, open_dataset
+from rdkd.encoding import Encoder
 from rdkd.errors import SampleError, UserError
 from rdkd.files import atomic_write_csv, atomic_write_json
 from rdkd.labels import LABELS_FILE, RUN_FILE, RunLabels
 from rdkd.options import option
 
+if TYPE_CHECKING:  # rdkd.models (open_clip) is imported when a model is loaded, not to score a cache
+    from rdkd.models import LoadedClip
+
 EVALUATION_INFO = "evaluation.json"
+# Classes whose prompts go through the model in one forward: open_clip's
+# build_zero_shot_classifier's batching, so that the classifier has its bits.
+_CLASSES_PER_FORWARD = 10
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -282,23 +300,19 @@ def _collate(batch: list) -> tuple[list[int], torch.Tensor | list[bytes] | None,
     return [i for i, _ in good], (torch.stack([x for _, x in good]) if good else None), bad
 
 
-class _Encoder:
-    """A loaded model on its device: images and texts to L2-normalised float32 embeddings,
-    batched, under the run's precision, with a progress bar per pass. Embeddings stay on the
-    device until a pass ends (no wait on the device per batch)."""
+class _EvalEncoder:
+    """The model's :class:`rdkd.encoding.Encoder`, fed as evaluate reads: DataLoader workers
+    decode image files or dataset entries to uint8 pixels at the model's input size (with
+    ``decode="device"`` they hand over the encoded images and the device decodes them),
+    captions and class prompts are tokenised in the main process; a progress bar per pass."""
 
-    def __init__(self, loaded, device: torch.device, config: "EvalConfig", preprocess: str = pixels.DEFAULT_MODE):
-        self.loaded, self.device, self.precision = loaded, device, config.precision
+    def __init__(self, loaded: LoadedClip, device: torch.device, config: "EvalConfig",
+                 preprocess: str = pixels.DEFAULT_MODE):
+        self.encoder = Encoder(loaded, device, config.precision)
+        self.device = device
         self.batch_size, self.workers, self.show_progress = config.batch_size, config.workers, config.progress
         self.renderer = pixels.ViewRenderer.of_model(loaded.preprocess, loaded.preprocess_cfg, preprocess)
         self.decoder = pixels.DeviceDecoder(self.renderer, device) if config.decode == "device" else None
-        self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
-
-    @contextlib.contextmanager
-    def compute(self) -> Iterator[None]:
-        """No gradients, autocast of the precision."""
-        with torch.no_grad(), runtime.autocast(self.device, self.precision):
-            yield
 
     def images(self, source: Any, description: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """(embeddings of the readable images, their entry indices, (entry, reason) of the others)."""
@@ -308,33 +322,53 @@ class _Encoder:
             collate_fn=_collate, pin_memory=self.device.type == "cuda",
         )
         chunks, kept, bad = [], [], []
-        with runtime.progress(self.show_progress, description, len(source)) as advance, self.compute():
-            for indices, images, rejects in loader:
-                if isinstance(images, list):  # encoded: decoded on the device; what no path decodes is skipped
-                    images, failed = self.decoder.decode(images, [[None]] * len(images))
-                    if failed:
-                        lost = {i for i, _ in failed}
-                        rejects = rejects + [(indices[i], reason) for i, reason in failed]
-                        images = images[[i for i in range(len(indices)) if i not in lost]]
-                        indices = [entry for i, entry in enumerate(indices) if i not in lost]
-                if images is not None and len(indices):
-                    images = self.normalize(images.to(self.device, non_blocking=True))
-                    chunks.append(self.loaded.model.encode_image(images, normalize=True).float())
+        with runtime.progress(self.show_progress, description, len(source)) as advance:
+            for done in self.encoder.stream(self._decoded(loader)):
+                indices, rejects = done.tag
+                if done.images is not None:
+                    chunks.append(done.images)
                     kept.extend(indices)
                 bad.extend(rejects)
                 advance(len(indices) + len(rejects))
-        embeddings = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, self.loaded.embed_dim), np.float32)
+        embeddings = np.concatenate(chunks) if chunks else np.zeros((0, self.encoder.dim), np.float32)
         return embeddings, np.asarray(kept, np.int64), bad
 
+    def _decoded(self, loader: Iterable) -> Iterator[tuple[tuple[list[int], list], torch.Tensor | None, None]]:
+        """The loader's batches as the encoder's inputs, tagged (entries, (entry, reason) of
+        the rejects); encoded images are decoded on the device here, and those no path
+        decodes join the rejects."""
+        for indices, images, rejects in loader:
+            if isinstance(images, list):
+                images, failed = self.decoder.decode(images, [[None]] * len(images))
+                if failed:
+                    lost = {i for i, _ in failed}
+                    rejects = rejects + [(indices[i], reason) for i, reason in failed]
+                    images = images[[i for i in range(len(indices)) if i not in lost]]
+                    indices = [entry for i, entry in enumerate(indices) if i not in lost]
+            yield (indices, rejects), images if indices else None, None
+
     def texts(self, texts: Sequence[str], description: str) -> np.ndarray:
+        """[len(texts), dim] embeddings, in order."""
+        batches = (list(texts[start:start + self.batch_size]) for start in range(0, len(texts), self.batch_size))
         chunks = []
-        with runtime.progress(self.show_progress, description, len(texts)) as advance, self.compute():
-            for start in range(0, len(texts), self.batch_size):
-                batch = list(texts[start : start + self.batch_size])
-                tokens = self.loaded.tokenizer(batch).to(self.device, non_blocking=True)
-                chunks.append(self.loaded.model.encode_text(tokens, normalize=True).float())
-                advance(len(batch))
-        return torch.cat(chunks).cpu().numpy()
+        with runtime.progress(self.show_progress, description, len(texts)) as advance:
+            for done in self.encoder.stream((len(b), None, self.encoder.tokenizer(b)) for b in batches):
+                chunks.append(done.texts)
+                advance(done.tag)
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.encoder.dim), np.float32)
+
+    def classifier(self, classnames: Sequence[str], templates: Sequence[Callable[[str], str]]) -> torch.Tensor:
+        """[classes, dim]: per class the mean of its prompts' embeddings, re-normalised, as
+        ``open_clip.build_zero_shot_classifier`` builds it (the same classes a forward), with
+        the encoder's precision and normalisation."""
+        groups = (classnames[start:start + _CLASSES_PER_FORWARD]
+                  for start in range(0, len(classnames), _CLASSES_PER_FORWARD))
+        prompts = ((len(g), None, self.encoder.tokenizer([t(c) for c in g for t in templates])) for g in groups)
+        rows = []
+        for done in self.encoder.stream(prompts):
+            mean = torch.from_numpy(done.texts).reshape(done.tag, len(templates), -1).mean(dim=1)
+            rows.append(mean / mean.norm(dim=1, keepdim=True))
+        return torch.cat(rows)
 
 
 # --- the eval set ---------------------------------------------------------------------------
@@ -359,30 +393,31 @@ class EvalEmbeddings:
                               np.repeat(np.arange(len(rows)), stops - starts), self.skipped)
 
 
-def _from_cache(cache, keys: Sequence[str] | None) -> EvalEmbeddings:
-    """The cache's view-0 image rows and caption rows of ``keys`` (default: all, cache order)."""
+def _from_cache(cache: TeacherCache, keys: Sequence[str] | None) -> tuple[EvalEmbeddings, np.ndarray]:
+    """The cache's view-0 image rows and caption rows of ``keys`` (default: all, cache
+    order), joined in one :meth:`TeacherCache.lookup`; and where in ``keys`` those found are."""
     if keys is None:
-        view0 = np.arange(0, cache.num_image_rows, cache.views, dtype=np.int64)
-        keys = cache.image_keys(view0)
-    image_rows, text_rows, counts, found, skipped = [], [], [], [], []
-    for key in keys:
-        entry = cache.find(key)
-        if entry is None:
-            skipped.append({"key": key, "reason": "not in the teacher cache (rejected at extraction)"})
-            continue
-        found.append(key)
-        image_rows.append(entry.image_rows.start)  # view 0: the teacher's eval view
-        text_rows.extend(entry.text_rows)
-        counts.append(len(entry.text_rows))
-    images = cache.image_embeddings(np.asarray(image_rows, np.int64)).numpy()
-    texts = cache.text_embeddings(np.asarray(text_rows, np.int64)).numpy()
-    return EvalEmbeddings(found, images, texts, np.repeat(np.arange(len(found)), counts), skipped)
+        keys = cache.image_keys(np.arange(0, cache.num_image_rows, cache.views, dtype=np.int64))
+    keys = pa.array(keys, pa.large_string())
+    rows = cache.lookup(keys)
+    found = np.flatnonzero(rows.found)
+    skipped = [{"key": key, "reason": "not in the teacher cache (rejected at extraction)"}
+               for key in keys.filter(pa.array(~rows.found)).to_pylist()]
+    counts = rows.text_count[found].astype(np.int64)
+    firsts = np.cumsum(counts) - counts  # where each image's captions start among the rows taken
+    text_rows = np.repeat(rows.text_row[found] - firsts, counts) + np.arange(counts.sum())
+    images = cache.image_embeddings(rows.image_row[found]).numpy()  # the first view row: the teacher's eval view
+    texts = cache.text_embeddings(text_rows).numpy()
+    scored = EvalEmbeddings(keys.filter(pa.array(rows.found)).to_pylist(), images, texts,
+                            np.repeat(np.arange(len(found)), counts), skipped)
+    return scored, found
 
 
-def _open_cache_for(path: str | Path, dataset, role: str):
-    from rdkd.cache import TeacherCache
-
+def _open_cache_for(path: str | Path, dataset, role: str) -> TeacherCache:
+    """The cache at ``path``, refused in one line when a file is missing or of another size
+    than its manifest says, or when it is of another dataset than the eval set."""
     cache = TeacherCache.open(path)
+    cache.require_intact(sizes_only=True)
     if dataset is not None and cache.dataset_fingerprint != dataset.fingerprint:
         raise UserError(
             f"the {role} {path} was built from another dataset than the eval set {dataset.spec.path} "
@@ -582,7 +617,7 @@ def _open_inputs(config: EvalConfig) -> _Inputs:
         from rdkd.models import load_clip
 
         loaded = load_clip(config.model, device=dev)
-        encoder = _Encoder(loaded, dev, config, _preprocess_of(config.model, teacher))
+        encoder = _EvalEncoder(loaded, dev, config, _preprocess_of(config.model, teacher))
     inputs = _Inputs(dev, dev.type == "cuda" and faiss.get_num_gpus() > 0, dataset, scored_cache, teacher,
                      zero_shot_sets, loaded, encoder)
     if config.index_factory:
@@ -617,7 +652,7 @@ def _score(config: EvalConfig, inputs: _Inputs) -> tuple[dict[str, float], dict[
     if inputs.dataset is not None or inputs.scored_cache is not None:
         if inputs.scored_cache is not None:  # without a dataset: every image of the cache
             keys = inputs.dataset.keys if inputs.dataset is not None else None
-            scored = _from_cache(inputs.scored_cache, keys)
+            scored, _ = _from_cache(inputs.scored_cache, keys)
         else:
             scored = _encode_eval_set(inputs.encoder, inputs.dataset)
         skipped = scored.skipped
@@ -644,9 +679,8 @@ def _score(config: EvalConfig, inputs: _Inputs) -> tuple[dict[str, float], dict[
 
 def _fidelity(config: EvalConfig, inputs: _Inputs, scored: "EvalEmbeddings") -> dict[str, float]:
     """Fidelity of the scored embeddings to the teacher cache's rows of the same items."""
-    reference = _from_cache(inputs.teacher, scored.keys)
-    rows = {key: r for r, key in enumerate(scored.keys)}
-    student = scored.subset(np.asarray([rows[k] for k in reference.keys], np.int64))
+    reference, found = _from_cache(inputs.teacher, scored.keys)
+    student = scored.subset(found)
     if not np.array_equal(student.text_image, reference.text_image):
         raise UserError(f"teacher cache {config.teacher_cache} holds other captions than the eval set")
     fidelity = M.fidelity_metrics(student.images, student.texts, reference.images, reference.texts,
@@ -655,7 +689,7 @@ def _fidelity(config: EvalConfig, inputs: _Inputs, scored: "EvalEmbeddings") -> 
     return {**{f"fidelity/{k}": v for k, v in fidelity.items()}, "fidelity/images": float(len(reference.keys))}
 
 
-def _encode_eval_set(encoder: _Encoder, dataset) -> EvalEmbeddings:
+def _encode_eval_set(encoder: _EvalEncoder, dataset) -> EvalEmbeddings:
     images, kept, bad = encoder.images(dataset, "encoding images")
     order = np.argsort(kept)  # DataLoader keeps order; sort anyway so rows follow the dataset
     images, kept = images[order], kept[order]
@@ -668,18 +702,12 @@ def _encode_eval_set(encoder: _Encoder, dataset) -> EvalEmbeddings:
                           np.repeat(np.arange(len(kept)), [len(c) for c in captions]), skipped)
 
 
-def _zero_shot(encoder: _Encoder, zs: _ZeroShotSet) -> tuple[dict[str, float], np.ndarray]:
-    import open_clip
-
-    loaded = encoder.loaded
-    with encoder.compute():
-        classifier = open_clip.build_zero_shot_classifier(
-            loaded.model, loaded.tokenizer, zs.classnames, zs.templates, device=encoder.device,
-        )  # [dim, classes]: per class the mean of normalised template embeddings, re-normalised
+def _zero_shot(encoder: _EvalEncoder, zs: _ZeroShotSet) -> tuple[dict[str, float], np.ndarray]:
+    classifier = encoder.classifier(zs.classnames, zs.templates)
     images, kept, bad = encoder.images(zs.images, f"zero-shot {zs.task.name}")
     if len(kept) == 0:
         raise UserError(f"zero-shot set {zs.task.name}: no readable image")
-    result, per_class = M.zero_shot_metrics(images, classifier.float().T.cpu(), zs.labels[kept])
+    result, per_class = M.zero_shot_metrics(images, classifier, zs.labels[kept])
     result["images"] = float(len(kept))
     result["skipped"] = float(len(bad))
     return result, per_class

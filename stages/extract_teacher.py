@@ -20,12 +20,12 @@ How the work flows (the file reads in this order):
    image's header only and hand over its encoded bytes and view boxes; the main process
    decodes, crops and resizes them on the device (:class:`rdkd.pixels.DeviceDecoder`,
    :meth:`_Batch.decode_on`), an image that does not decode there becoming a reject.
-4. The main process (:class:`TeacherForward`) copies a batch from pinned memory to the
-   device without waiting, normalises it there (:class:`rdkd.runtime.DeviceNormalize`:
-   bitwise the values of the teacher's host transform), runs the teacher under
-   ``torch.inference_mode`` (autocast for bf16/fp16), L2-normalises, and starts the copy of
-   the embeddings back. The one wait on the device per batch is for that copy, and it comes
-   one batch late: batch i is stored while the device runs batch i+1.
+4. The main process runs the teacher with :class:`rdkd.encoding.Encoder`, the encoder
+   evaluate scores models with: it copies a batch from pinned memory to the device without
+   waiting, normalises it there (bitwise the values of the teacher's host transform), runs
+   the teacher under the precision's autocast, L2-normalises in float32 and starts the copy
+   of the embeddings back. The one wait on the device per batch is for that copy, and it
+   comes one batch late: batch i is stored while the device runs batch i+1.
 5. :class:`ShardAssembler` gathers each batch's rows into its shard (cast to the storage
    dtype) and writes the shard atomically as soon as its last entry is in.
 
@@ -62,7 +62,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 import rdkd
@@ -71,6 +70,7 @@ from rdkd.cache import format as fmt
 from rdkd.cache import writer
 from rdkd.cache.views import ViewConfig, random_view, view_rng
 from rdkd.data import DataSpec, Dataset, open_dataset, open_image
+from rdkd.encoding import Encoded, Encoder
 from rdkd.errors import UserError
 from rdkd.files import writing
 from rdkd.models import LoadedClip, ModelSpec, load_clip
@@ -297,79 +297,6 @@ class _ShardBatches:
         return sum(math.ceil(len(r) / self.batch_size) for r in self.ranges)
 
 
-# --- the teacher on the device ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """A batch with its embeddings on the host."""
-
-    batch: _Batch
-    image_emb: np.ndarray | None  # [len(keys) * K, dim] float32, L2-normalised; None for a batch of rejects
-    text_emb: np.ndarray | None  # [len(captions), dim]
-    ready_at: float  # time.perf_counter() when the embeddings were on the host
-
-
-@dataclass
-class _InFlight:
-    """A batch whose embeddings are on their way to the host."""
-
-    batch: _Batch
-    image_emb: torch.Tensor | None  # host tensors, filled once `done` has passed
-    text_emb: torch.Tensor | None
-    done: torch.cuda.Event | None  # CUDA: recorded after the copies back were queued
-    ready_at: float | None  # elsewhere the forward ran synchronously: ready when it returned
-
-    def wait(self) -> Embedded:
-        """The embeddings on the host; waits for the device (the one wait per batch)."""
-        if self.done is not None:
-            self.done.synchronize()
-        ready_at = self.ready_at if self.ready_at is not None else time.perf_counter()
-        if self.image_emb is None:
-            return Embedded(self.batch, None, None, ready_at)
-        return Embedded(self.batch, self.image_emb.numpy(), self.text_emb.numpy(), ready_at)
-
-
-class TeacherForward:
-    """The teacher on the device: uint8 pixels and token ids in, L2-normalised float32
-    embeddings back on the host, without the host waiting for the device."""
-
-    def __init__(self, loaded: LoadedClip, device: torch.device, precision: str):
-        self.model = loaded.model
-        self.device, self.precision = device, precision
-        self.normalize = runtime.DeviceNormalize(*runtime.normalize_of(loaded.preprocess), device)
-
-    def start(self, batch: _Batch) -> _InFlight:
-        """Queue the batch's forward and the copies back; on CUDA return at once."""
-        if not batch.keys:
-            return _InFlight(batch, None, None, None, time.perf_counter())
-        with torch.inference_mode(), runtime.autocast(self.device, self.precision):
-            pixels = self.normalize(batch.pixels.to(self.device, non_blocking=True))
-            image_emb = self.model.encode_image(pixels)
-            text_emb = self.model.encode_text(batch.tokens.to(self.device, non_blocking=True))
-            image_emb = F.normalize(image_emb.float(), dim=-1).to("cpu", non_blocking=True)
-            text_emb = F.normalize(text_emb.float(), dim=-1).to("cpu", non_blocking=True)
-        if self.device.type != "cuda":
-            return _InFlight(batch, image_emb, text_emb, None, time.perf_counter())
-        done = torch.cuda.Event()
-        done.record()
-        return _InFlight(batch, image_emb, text_emb, done, None)
-
-
-def teacher_outputs(batches: Iterator[_Batch], forward: TeacherForward) -> Iterator[Embedded]:
-    """Each batch with its embeddings on the host, one batch late: batch i+1 is queued on
-    the device before batch i's embeddings are waited for, so the device keeps working while
-    the caller stores batch i."""
-    in_flight = None
-    for batch in batches:
-        queued = forward.start(batch)
-        if in_flight is not None:
-            yield in_flight.wait()
-        in_flight = queued
-    if in_flight is not None:
-        yield in_flight.wait()
-
-
 # --- the shards' rows ------------------------------------------------------------------------
 
 
@@ -439,9 +366,9 @@ class ShardAssembler:
         self._starts = np.array([entries.start for entries in live.values()], dtype=np.int64)
         return list(live.values())
 
-    def add(self, done: Embedded) -> int | None:
+    def add(self, done: Encoded[_Batch]) -> int | None:
         """Store a batch's rows in its shard; return the shard when this completed and wrote it."""
-        batch, image_emb, text_emb = done.batch, done.image_emb, done.text_emb
+        batch, image_emb, text_emb = done.tag, done.images, done.texts
         shard = self._shards[int(np.searchsorted(self._starts, batch.first, side="right")) - 1]
         rows = self.open[shard]
         rows.rejects.extend(batch.rejects)
@@ -789,7 +716,7 @@ def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejec
     clock = _Clock(config.fill_batches)
     if not live:
         return 0, clock
-    forward = TeacherForward(job.loaded, job.device, config.precision)
+    encoder = Encoder(job.loaded, job.device, config.precision)
     show = config.progress and job.rank == 0
     batches = iter(_loader(job, live))
     decoder = None
@@ -798,14 +725,17 @@ def _extract_shards(job: _Job, todo: list[int], limit: _RejectLimit, index_rejec
                                        job.device)
         batches = (batch.decode_on(decoder, job.dataset) if batch.keys else batch for batch in batches)
     with runtime.progress(show, "extract-teacher", sum(map(len, live)), unit="images") as advance:
-        for done in teacher_outputs(batches, forward):
-            clock.batch_done(len(done.batch.keys), done.ready_at)
+        # a batch whose entries were all rejected has nothing to embed, but its rejects
+        # still reach their shard in order
+        inputs = ((batch, batch.pixels, batch.tokens) if batch.keys else (batch, None, None) for batch in batches)
+        for done in encoder.stream(inputs):
+            clock.batch_done(len(done.tag.keys), done.ready_at)
             written = assembler.add(done)
             # One process knows the run can no longer meet the threshold: stop now, keep what
             # is written (under torchrun the check waits for all ranks, at the end).
             if written is not None and job.world == 1:
                 limit.check(job.root, index_rejects + assembler.rejects, partial=True)
-            advance(done.batch.entries)
+            advance(done.tag.entries)
     if decoder is not None and decoder.fallbacks:
         console.print(f"--decode device: {decoder.fallbacks} image(s) decoded on the CPU path instead "
                       f"(not JPEG, or refused by the device's decoder)")

@@ -737,22 +737,8 @@ def _verify_cache(cache: Any, full: bool | None) -> None:
     run before its rows train the student. ``full`` (--verify-cache): also hash every file
     now, in one pass (then the reader does not hash again); False (--no-verify-cache): the
     reader checks nothing."""
-    from rdkd.cache.reader import manifest_files
-
-    if full:
-        problems = cache.verify()
-    else:
-        problems = []
-        for f in manifest_files(cache.manifest):
-            path = cache.root / f["file"]  # inside the cache: TeacherCache.open checked every name
-            if not path.is_file():
-                problems.append(f"{f['file']}: missing")
-            elif "bytes" in f and path.stat().st_size != int(f["bytes"]):
-                problems.append(f"{f['file']}: {path.stat().st_size} bytes, manifest says {f['bytes']}")
-    if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"teacher cache {cache.root} is damaged: {problems[0]}{more}; "
-                        f"run `rdkd cache verify {cache.root}` or extract it again")
+    if full is not False:
+        cache.require_intact(sizes_only=not full)
 
 
 def _student_label(student: str) -> str:

@@ -194,6 +194,25 @@ def test_verify_finds_damage_and_the_cli_reports_it(tmp_path, run_cli):
     assert any("captions" in p for p in TeacherCache.open(tmp_path).verify())
 
 
+def test_the_size_check_sees_a_file_of_another_size_and_nothing_else(tmp_path):
+    write_cache(tmp_path)
+    cache = TeacherCache.open(tmp_path)
+    assert cache.verify(sizes_only=True) == []
+    shard = tmp_path / "images" / "part-00000.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size: only the sha256 can tell
+    shard.write_bytes(bytes(data))
+    assert TeacherCache.open(tmp_path).verify(sizes_only=True) == []
+    shard.write_bytes(bytes(data) + b"\0")
+    size = len(data) + 1
+    assert TeacherCache.open(tmp_path).verify(sizes_only=True) == [
+        f"images/part-00000.arrow: {size} bytes, manifest says {size - 1}"]
+    with pytest.raises(UserError, match=r"part-00000.arrow: \d+ bytes, manifest says .*; run `rdkd cache verify"):
+        TeacherCache.open(tmp_path).require_intact(sizes_only=True)
+    with pytest.raises(UserError, match=r"part-00000.arrow: sha256 mismatch .*; extract it again"):
+        TeacherCache.open(tmp_path).require_intact()
+
+
 def test_format_md_snippet_reads_a_cache_with_plain_pyarrow(tmp_path):
     truth = write_cache(tmp_path, "bfloat16")
     text = FORMAT_MD.read_text()

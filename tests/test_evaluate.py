@@ -242,6 +242,45 @@ def test_bad_inputs_exit_2_with_one_line_and_keep_old_outputs(tmp_path, capsys, 
     assert out.read_text() == '{"retrieval/i2t_r1": 0.5}\n'
 
 
+def test_a_cache_of_another_size_than_its_manifest_is_refused_before_anything_is_written(
+        tmp_path, capsys, csv_dataset, tiny_teacher, teacher_cache):
+    """The cache's own size check (TeacherCache.verify(sizes_only=True)), for the scored
+    cache and the teacher cache alike."""
+    import shutil
+
+    damaged = tmp_path / "cache"
+    shutil.copytree(teacher_cache, damaged)
+    shard = sorted((damaged / "texts").glob("*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes() + b"\0")
+    out = tmp_path / "eval" / "metrics.json"
+    model = ["--model", tiny_teacher.config, "--pretrained", tiny_teacher.pretrained, "--workers", "0"]
+    for args in (["--cache", str(damaged)], [*model, "--teacher-cache", str(damaged)]):
+        code, err = run_cli(["evaluate", "--data", csv_dataset.path, "--device", "cpu", *args, "-o", str(out)],
+                            capsys)
+        assert code == 2 and err.count("\n") == 1 and "is damaged" in err, err
+        assert f"texts/{shard.name}: " in err and "bytes, manifest says" in err
+    assert not out.parent.exists()
+
+
+def test_cache_rows_join_by_key_in_the_order_asked(teacher_cache_3_views):
+    """evaluate's join to a cache (one TeacherCache.lookup) gives, key by key, the rows
+    TeacherCache.find points at: view 0 and every caption; keys the cache lacks are skipped."""
+    from rdkd.cache import TeacherCache
+    from rdkd.stages.evaluate import _from_cache
+
+    cache = TeacherCache.open(teacher_cache_3_views)
+    keys = cache.image_keys(np.arange(0, cache.num_image_rows, cache.views))
+    asked = [keys[5], "absent", keys[0], keys[3], keys[11]]
+    rows, found = _from_cache(cache, asked)
+    assert rows.keys == [keys[5], keys[0], keys[3], keys[11]] and found.tolist() == [0, 2, 3, 4]
+    assert [s["key"] for s in rows.skipped] == ["absent"]
+    for row, key in enumerate(rows.keys):
+        entry = cache.find(key)
+        assert np.array_equal(rows.images[row], cache.image_embeddings([entry.image_rows.start])[0].numpy())
+        assert np.array_equal(rows.texts[rows.text_image == row], cache.text_embeddings(list(entry.text_rows)).numpy())
+    assert len(set(np.bincount(rows.text_image).tolist())) > 1  # images with different caption counts
+
+
 def test_approximate_index_marks_results(tmp_path, csv_dataset, teacher_cache):
     result = evaluate(tmp_path / "m.json", data=csv_dataset, cache=teacher_cache, index_factory="HNSW8", device="cpu")
     assert result["retrieval/approximate"] == 1.0 and "retrieval/i2t_mean_rank" not in result

@@ -22,6 +22,7 @@ from rdkd import runtime
 from rdkd.cache import TeacherCache, ViewConfig, eval_view_box, render_view
 from rdkd.cache import format as fmt
 from rdkd.data import DataSpec, decode_image, open_dataset
+from rdkd.encoding import Encoder
 from rdkd.errors import UserError
 from rdkd.models import load_clip
 from rdkd.stages import extract_teacher as stage
@@ -131,7 +132,7 @@ def test_workers_hand_over_uint8_views_that_normalise_to_the_host_transform(csv_
     batch = stage._collate([inputs[i] for i in range(3)])
     assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (6, 3, 32, 32)
     assert batch.pixels.nbytes / len(batch.keys) == 2 * 3 * 32 * 32  # a quarter of float32's bytes
-    normalised = stage.TeacherForward(teacher, torch.device("cpu"), "fp32").normalize(batch.pixels)
+    normalised = Encoder(teacher, torch.device("cpu"), "fp32").normalize(batch.pixels)
     cfg = teacher.preprocess_cfg
     for i in range(3):  # the float32 values the teacher's own host transforms give, bit for bit
         image = dataset.read_image(i)
