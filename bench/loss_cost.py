@@ -16,6 +16,10 @@ after one warm-up, with min-max; inputs come from ``--seed``.
 
     python bench/loss_cost.py                      # CPU: 1 thread, student batch 32
     python bench/loss_cost.py --device cuda        # GPU: everything at batch 1024
+
+P15 (``--ensemble 512,768``, the default): the same loss with an ensemble of two teachers
+(widths 512 and 768, e.g. ViT-B/16 and ViT-L/14, each with its own heads into the student's
+512-d space where they differ) against one teacher of the student's width.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import statistics
 import time
 from importlib import resources
-from typing import Callable
+from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -53,18 +57,23 @@ def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> tuple[f
 
 
 def loss_step(preset: str, batch: int, dim: int, device: torch.device, seed: int,
-              shared: bool = True) -> Callable[[], None]:
+              shared: bool = True, teacher_dims: Sequence[int] = ()) -> Callable[[], None]:
     """One forward + backward of the preset. ``shared=False`` evaluates each term on its own
-    `Relations` (what calling the pure functions one by one costs: no shared matrices)."""
+    `Relations` (what calling the pure functions one by one costs: no shared matrices).
+    ``teacher_dims``: an ensemble of teachers of these widths (default: one teacher of the
+    student's width ``dim``), each with its own projection heads where its width differs."""
     g = torch.Generator(device=device).manual_seed(seed)
 
-    def unit():
-        return F.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1)
+    def unit(width: int):
+        return F.normalize(torch.randn(batch, width, device=device, generator=g), dim=-1)
 
-    t_img, t_txt = unit(), unit()
-    s_img, s_txt = unit().requires_grad_(), unit().requires_grad_()
+    dims = list(teacher_dims) or [dim]
+    t_img, t_txt = [unit(d) for d in dims], [unit(d) for d in dims]
+    if len(dims) == 1:
+        t_img, t_txt = t_img[0], t_txt[0]
+    s_img, s_txt = unit(dim).requires_grad_(), unit(dim).requires_grad_()
     log_s = torch.tensor(2.659, device=device, requires_grad=True)
-    loss = DistillLoss(weights_for(preset), student_dim=dim, teacher_dim=dim).to(device)
+    loss = DistillLoss(weights_for(preset), student_dim=dim, teacher_dim=dims if len(dims) > 1 else dims[0]).to(device)
 
     def run():
         if shared:
@@ -100,6 +109,8 @@ def main() -> None:
     parser.add_argument("--preset", default="cliprd")
     parser.add_argument("--batch", type=int, default=1024, help="global batch of the loss")
     parser.add_argument("--dim", type=int, default=512, help="embedding dim (student = teacher)")
+    parser.add_argument("--ensemble", default="512,768",
+                        help="teacher widths of an ensemble timed against one teacher of --dim (P15; '' to skip)")
     parser.add_argument("--student-batch", type=int, default=None,
                         help="batch of the student forward (default: --batch on CUDA, 32 on CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -132,6 +143,14 @@ def main() -> None:
           f"shared / unshared {loss_ms[0] / unshared_ms[0]:.2f}")
     print(f"  student ViT-T-16 (embed {embed_dim}) train-mode forward, batch {student_batch}: "
           f"{student_ms[0]:.1f} ms ({student_ms[1]:.1f}-{student_ms[2]:.1f})")
+    if args.ensemble:
+        dims = [int(d) for d in args.ensemble.split(",")]
+        ensemble_ms = timed(loss_step(args.preset, args.batch, args.dim, device, args.seed, teacher_dims=dims),
+                            args.repeats, device)
+        print(f"  P15 loss '{args.preset}' fwd+bwd, batch {args.batch}, student dim {args.dim}, {len(dims)} teachers "
+              f"(dims {args.ensemble}): {ensemble_ms[0]:.2f} ms ({ensemble_ms[1]:.2f}-{ensemble_ms[2]:.2f}); "
+              f"/ one teacher {ensemble_ms[0] / loss_ms[0]:.2f}; teacher bytes per sample (float16 rows, "
+              f"image + text) {4 * args.dim} -> {4 * sum(dims)}")
     if student_batch == args.batch:
         print(f"  ratio loss / student forward at batch {args.batch}: {loss_ms[0] / student_ms[0]:.4f}")
         return

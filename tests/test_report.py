@@ -157,3 +157,27 @@ def test_legend_sits_outside_the_axes(tmp_path: Path) -> None:
     assert legend_box.y1 <= axes_box.y0 and legend_box.y1 <= ticks_box.y0 + 1  # under the tick labels
     assert fig.bbox.contains(legend_box.x0, legend_box.y0) and fig.bbox.contains(legend_box.x1, legend_box.y1)
     plt.close(fig)
+
+
+def test_students_of_other_teacher_sets_are_grouped_and_paired_apart(tmp_path) -> None:
+    """cliprd from teacher a, from b and from a+b over seeds 0-2 (and no-KD clip): three
+    methods, paired seed by seed; one teacher set alone keeps the plain method names."""
+    r1 = {"a": (0.10, 0.12, 0.11), "b": (0.08, 0.09, 0.07), "a+b": (0.13, 0.12, 0.14)}
+    for teachers, values in r1.items():
+        for seed, value in enumerate(values):
+            _write_run(tmp_path / "runs" / teachers / f"seed{seed}",
+                       {"method": "cliprd", "student": "vit", "seed": seed, "teacher_forwards": 0,
+                        "embed_dim": 128, "teachers": teachers}, {"retrieval/i2t_r1": value})
+    for seed in range(3):
+        _write_run(tmp_path / "runs" / "clip" / f"seed{seed}",
+                   {"method": "clip", "student": "vit", "seed": seed, "teacher_forwards": 0, "embed_dim": 128,
+                    "teachers": None}, {"retrieval/i2t_r1": 0.02})
+    result = report([tmp_path / "runs"], tmp_path / "out")
+    assert [g["method"] for g in result["groups"]] == ["clip", "cliprd [a]", "cliprd [a+b]", "cliprd [b]"]
+    pair = next(r for r in result["paired"] if (r["a"], r["b"]) == ("cliprd [a+b]", "cliprd [a]"))
+    assert pair["seeds"] == [0, 1, 2]
+    assert pair["differences"] == pytest.approx([0.03, 0.0, 0.03])
+    alone = report([tmp_path / "runs" / "a", tmp_path / "runs" / "clip"], tmp_path / "alone")
+    assert [g["method"] for g in alone["groups"]] == ["clip", "cliprd"]
+    with open(tmp_path / "out" / "runs.csv") as f:
+        assert {row["teachers"] for row in csv.DictReader(f)} == {"a", "b", "a+b", ""}
