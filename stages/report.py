@@ -210,15 +210,15 @@ def headline_metrics(all_metrics: Sequence[str]) -> list[tuple[str, str, str]]:
 
 
 def _method_order(methods: Sequence[str]) -> list[str]:
-    """Presets in rdkd.losses order (simpler recipes first; a preset's teacher sets by
-    name), then other labels by name."""
+    """Presets in rdkd.losses order (simpler recipes first; a preset's single teachers, then
+    its ensembles, by name), then other labels by name."""
     from rdkd.losses import PRESETS
 
     known = list(PRESETS)
 
-    def key(method: str) -> tuple[int, str]:
-        preset = method.split(" [")[0]
-        return (known.index(preset), method) if preset in known else (len(known), method)
+    def key(method: str) -> tuple[int, int, str]:
+        preset = method.split(" [")[0]  # "cliprd [a+b]": single teachers before their ensembles
+        return (known.index(preset) if preset in known else len(known), method.count("+"), method)
 
     return sorted(methods, key=key)
 

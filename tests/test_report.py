@@ -173,7 +173,7 @@ def test_students_of_other_teacher_sets_are_grouped_and_paired_apart(tmp_path) -
                    {"method": "clip", "student": "vit", "seed": seed, "teacher_forwards": 0, "embed_dim": 128,
                     "teachers": None}, {"retrieval/i2t_r1": 0.02})
     result = report([tmp_path / "runs"], tmp_path / "out")
-    assert [g["method"] for g in result["groups"]] == ["clip", "cliprd [a]", "cliprd [a+b]", "cliprd [b]"]
+    assert [g["method"] for g in result["groups"]] == ["clip", "cliprd [a]", "cliprd [b]", "cliprd [a+b]"]
     pair = next(r for r in result["paired"] if (r["a"], r["b"]) == ("cliprd [a+b]", "cliprd [a]"))
     assert pair["seeds"] == [0, 1, 2]
     assert pair["differences"] == pytest.approx([0.03, 0.0, 0.03])
