@@ -792,15 +792,32 @@ def _run_torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
 
+@pytest.fixture(scope="module")
+def wide_teacher_cache(tmp_path_factory, csv_dataset) -> Path:
+    """A second teacher's cache of the CSV dataset (another seed, 40-d embeddings), cut into
+    shards of 5 images: with `teacher_cache`, an ensemble whose rows differ per cache."""
+    from rdkd.cache import ViewConfig
+    from rdkd.stages.extract_teacher import extract_teacher
+
+    root = tmp_path_factory.mktemp("wide-teacher")
+    wide = builders.write_tiny_clip(root / "model", seed=1, config={**builders.TINY_CLIP_CONFIG, "embed_dim": 40})
+    extract_teacher(csv_dataset, wide, root / "cache", views=ViewConfig(count=3), batch_size=8, workers=0,
+                    storage_dtype="float32", progress=False, rows_per_shard=5)
+    return root / "cache"
+
+
 @pytest.mark.slow
-def test_two_processes_take_the_step_of_one(tmp_path, csv_dataset, teacher_cache, tiny_vit):
+@pytest.mark.parametrize("teachers", [1, 2], ids=["one-teacher", "two-teachers"])
+def test_two_processes_take_the_step_of_one(tmp_path, csv_dataset, teacher_cache, wide_teacher_cache, tiny_vit,
+                                            teachers):
     """torchrun, 2 gloo processes x batch 2 vs 1 process x batch 4, one step from the same
     init on the same global batch: the same logged loss and terms, and the same gradient of
-    every parameter. After one AdamW step exp_avg = (1 - beta1) * grad exactly, so each
+    every parameter (with one teacher, and with an ensemble of two caches of other widths). After one AdamW step exp_avg = (1 - beta1) * grad exactly, so each
     checkpoint's optimizer state holds the step's gradient (DDP's average of the gathered
     batch's backward on 2 ranks). Float rounding differs between the two (another reduction
     order); a wiring bug (a rank's own batch only, a missing gather gradient, a doubled
     average) moves gradients by a sizeable fraction of their scale."""
+    caches = [str(teacher_cache), str(wide_teacher_cache)][:teachers]
     script = tmp_path / "run_train.py"
     script.write_text(
         "import signal, sys, torch\n"
@@ -808,11 +825,11 @@ def test_two_processes_take_the_step_of_one(tmp_path, csv_dataset, teacher_cache
         "torch.set_num_threads(1)\n"
         "from rdkd.data import DataSpec\n"
         "from rdkd.stages.train_student import train_student\n"
-        f"train_student(DataSpec({csv_dataset.path!r}), {tiny_vit!r}, 'cliprd', {str(teacher_cache)!r},\n"
+        f"train_student(DataSpec({csv_dataset.path!r}), {tiny_vit!r}, 'cliprd', {caches!r},\n"
         "    steps=1, batch_size=4, workers=0, progress=False, lr=2e-3, warmup=1, device='cpu', out=sys.argv[1])\n"
     )
     one, two = tmp_path / "one", tmp_path / "two"
-    train_student(csv_dataset, tiny_vit, "cliprd", teacher_cache, steps=1, out=one, device="cpu", **FAST)
+    train_student(csv_dataset, tiny_vit, "cliprd", caches, steps=1, out=one, device="cpu", **FAST)
     proc = _run_torchrun(["--nproc_per_node", "2", "--master_port", str(_free_port()), str(script), str(two)],
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:]
