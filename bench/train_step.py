@@ -15,6 +15,9 @@ One run, one process, the same student, batch and data throughout:
   loop reading the teacher embeddings from the cache. Both loops are the stage's step
   (student forward, CLIP-RD loss, backward, AdamW) on the same batches, timed per step in
   process CPU time (first ``--skip`` steps dropped).
+- P15 = step time of ``--loss cliprd --cache A --cache B`` (an ensemble of two teachers'
+  caches, ``--teacher`` and ``--second-teacher``, of other widths) / step time of
+  ``--cache A`` alone: full ``train_student`` runs measured as P1's.
 - P4 = teacher forwards while a student trains from an existing cache: the stage's
   ``teacher_forwards`` counter (open_clip module calls outside the student); the online
   loop's count is printed beside it to show the counter sees a teacher.
@@ -129,6 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default=SHIPPED_STUDENT, help="student model name or config JSON (default: shipped ViT-T-16)")
     parser.add_argument("--teacher", default="ViT-B-32", help="open_clip teacher architecture, random init")
+    parser.add_argument("--second-teacher", default="RN50",
+                        help="the ensemble's second teacher (P15), random init; '' to skip P15")
     parser.add_argument("--batch", type=int, default=8, help="batch size")
     parser.add_argument("--images", type=int, default=24, help="generated dataset size")
     parser.add_argument("--views", type=int, default=2, help="views per image in the cache")
@@ -151,27 +156,34 @@ def main() -> None:
                         batch_size=16, workers=1, device=args.device, storage_dtype="float16", progress=False)
         extract_s = time.perf_counter() - start
         cache = TeacherCache.open(tmp / "cache")
+        # P1, P15 and P4: the stage itself, clip without a cache, cliprd from the cache, and
+        # cliprd from two caches, interleaved. name -> (preset, caches)
+        runs = {"clip": ("clip", []), "cliprd": ("cliprd", [tmp / "cache"])}
+        if args.second_teacher:
+            extract_teacher(spec, ModelSpec(name=args.second_teacher), tmp / "cache-b",
+                            views=ViewConfig(count=args.views, seed=args.seed), batch_size=16, workers=1,
+                            device=args.device, storage_dtype="float16", progress=False)
+            runs["ensemble"] = ("cliprd", [tmp / "cache", tmp / "cache-b"])
 
-        # P1 and P4: the stage itself, clip without a cache vs cliprd from the cache, interleaved.
-        p1 = {"clip": [], "cliprd": []}
-        p1_wall = {"clip": [], "cliprd": []}
+        p1 = {name: [] for name in runs}
+        p1_wall = {name: [] for name in runs}
         forwards = []
         for r in range(args.repeats):
             cpu = {}
             for steps in (args.skip, args.steps):
-                for preset in ("clip", "cliprd"):
-                    run = tmp / f"{preset}-{steps}-{r}"
+                for name, (preset, caches) in runs.items():
+                    run = tmp / f"{name}-{steps}-{r}"
                     start = time.perf_counter() if device.type == "cuda" else time.process_time()
-                    info = train_student(spec, args.student, preset, tmp / "cache" if preset != "clip" else None,
+                    info = train_student(spec, args.student, preset, caches,
                                          steps=steps, batch_size=args.batch, workers=0, device=args.device,
                                          precision="bf16" if device.type == "cuda" else "fp32",
                                          seed=args.seed, out=run, progress=False, warmup=0, log_every=1)
-                    cpu[preset, steps] = (time.perf_counter() if device.type == "cuda" else time.process_time()) - start
+                    cpu[name, steps] = (time.perf_counter() if device.type == "cuda" else time.process_time()) - start
                     forwards.append(info["teacher_forwards"])
                     if steps == args.steps:
-                        p1_wall[preset] += stage_step_times(run, args.skip)
-            for preset in p1:
-                p1[preset].append((cpu[preset, args.steps] - cpu[preset, args.skip]) / (args.steps - args.skip))
+                        p1_wall[name] += stage_step_times(run, args.skip)
+            for name in p1:
+                p1[name].append((cpu[name, args.steps] - cpu[name, args.skip]) / (args.steps - args.skip))
 
         # P2: online teacher vs cache in the same loop.
         teacher = load_clip(teacher_spec, device=device).model
@@ -193,6 +205,12 @@ def main() -> None:
     print(f"cliprd (from cache)      step, {clock}: {summary(p1['cliprd'])}; wall-clock {summary(p1_wall['cliprd'])}")
     print(f"P1 = cliprd / clip            = {med['cliprd'] / med['clip']:.3f}   (target <= 1.10; "
           f"wall-clock medians: {statistics.median(p1_wall['cliprd']) / statistics.median(p1_wall['clip']):.3f})")
+    if "ensemble" in p1:
+        print(f"cliprd (two caches)      step, {clock}: {summary(p1['ensemble'])}; "
+              f"wall-clock {summary(p1_wall['ensemble'])}")
+        print(f"P15 = two caches / one cache = {med['ensemble'] / med['cliprd']:.3f}   (wall-clock medians: "
+              f"{statistics.median(p1_wall['ensemble']) / statistics.median(p1_wall['cliprd']):.3f}; "
+              f"second teacher {args.second_teacher})")
     print(f"loop, teacher from cache step, {clock}: {summary(p2['cache'])}")
     print(f"loop, online teacher     step, {clock}: {summary(p2['online'])}")
     print(f"P2 = online / cache           = {med['p2_online'] / med['p2_cache']:.2f}")
