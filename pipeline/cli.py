@@ -14,7 +14,7 @@ import inspect
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import typer
 
@@ -33,11 +33,13 @@ checkpoint_app = typer.Typer(help="Convert train-student checkpoints.", no_args_
 app.add_typer(checkpoint_app, name="checkpoint")
 
 def _options(config_cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """The options a config declares (:mod:`rdkd.options`) as typer parameters."""
+    """The options (and positional arguments) a config declares (:mod:`rdkd.options`) as
+    typer parameters."""
     from rdkd.options import cli_fields
 
     return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.annotation,
-                              default=typer.Option(f.default, *f.flags, help=f.cli.help, **f.cli.checks))
+                              default=typer.Argument(f.default, help=f.cli.help, **f.cli.checks) if f.cli.argument
+                              else typer.Option(f.default, *f.flags, help=f.cli.help, **f.cli.checks))
             for f in cli_fields(config_cls) if f.name not in skip]
 
 
@@ -223,60 +225,44 @@ def evaluate_command(values: dict) -> None:
                + f" -> {target} (in {time.perf_counter() - started:.1f} s)")
 
 
-@app.command("report")
-def report_command(
-    inputs: Optional[List[str]] = typer.Argument(None, help="metrics.json files, folders or glob patterns (default artifacts/eval/**/metrics.json)."),
-    out: Path = typer.Option(Path("artifacts/report"), "--out", "-o", help="Report folder: report.md, runs.csv, table.csv, PNG plots."),
-) -> None:
-    """Gather evaluation runs into one Markdown table (method x student, mean ± std over seeds) and plots."""
-    from rdkd.stages.report import DEFAULT_INPUTS, report
+def _report_options() -> list[inspect.Parameter]:
+    from rdkd.stages.report import ReportConfig
 
-    result = report(inputs or DEFAULT_INPUTS, out)
-    typer.echo(f"{len(result['runs'])} runs in {len(result['groups'])} groups -> {out / 'report.md'}")
+    return _options(ReportConfig)
+
+
+@_command("report", _report_options)
+def report_command(values: dict) -> None:
+    """Gather evaluation runs into one Markdown table (method x student, mean ± std over seeds) and plots."""
+    from rdkd.options import config_values
+    from rdkd.stages.report import ReportConfig, report
+
+    config = ReportConfig(**config_values(ReportConfig, values))
+    result = report(config.inputs, config.out)
+    typer.echo(f"{len(result['runs'])} runs in {len(result['groups'])} groups -> {config.out / 'report.md'}")
 
 
 # --- demo-data -------------------------------------------------------------------------------
 
 
-@app.command("demo-data")
-def demo_data_command(
-    out: Path = typer.Option(Path("artifacts/demo/data"), "--out", "-o", help="Output folder of the world."),
-    profile: str = typer.Option("demo", help="Size preset: 'demo' (the dvc demo) or 'quick' (a few hundred images, CI)."),
-    seed: Optional[int] = typer.Option(None, help="World seed (profile default 0)."),
-    image_size: Optional[int] = typer.Option(None, min=16, help="Image side in pixels (default 32)."),
-    pretrain: Optional[int] = typer.Option(None, min=0, help="Images in the teacher's pretraining split."),
-    train: Optional[int] = typer.Option(None, min=0, help="Images in the distillation split."),
-    test: Optional[int] = typer.Option(None, min=0, help="Images in the multi-caption test split."),
-    test_captions: Optional[int] = typer.Option(None, min=1, help="Paraphrased captions per test image."),
-    zeroshot_task: Optional[List[str]] = typer.Option(
-        None, "--zeroshot-task", help="Zero-shot task (repeatable): shape, colour, size, position."
-    ),
-    zeroshot_per_class: Optional[int] = typer.Option(None, min=0, help="Images per class of each zero-shot task."),
-    min_objects: Optional[int] = typer.Option(None, min=1, max=3, help="Fewest objects in a scene."),
-    max_objects: Optional[int] = typer.Option(None, min=1, max=3, help="Most objects in a scene."),
-    relations: Optional[bool] = typer.Option(None, "--relations/--no-relations", help="Captions with 'left of', 'above', ..."),
-    noise: Optional[float] = typer.Option(None, min=0.0, help="Max Gaussian pixel-noise std (0-255 units)."),
-    pretrain_format: Optional[str] = typer.Option(None, help="'webdataset' or 'csv'."),
-    train_format: Optional[str] = typer.Option(None, help="'webdataset' or 'csv'."),
-    test_format: Optional[str] = typer.Option(None, help="'webdataset' or 'csv'."),
-    shard_size: Optional[int] = typer.Option(None, min=1, max=10000, help="Samples per webdataset shard."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Rendering processes (default: CPU count, max 8)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing world with other settings."),
-) -> None:
-    """Generate the demo world: seeded captioned scenes as webdataset shards, CSV and zero-shot trees."""
-    from rdkd.stages.demo_data import demo_data
+def _demo_data_options() -> list[inspect.Parameter]:
+    from rdkd.stages.demo_data import DemoDataConfig
 
-    world = demo_data(
-        out, profile, seed=seed, image_size=image_size, pretrain=pretrain, train=train, test=test,
-        test_captions=test_captions, zeroshot_tasks=zeroshot_task or None,
-        zeroshot_per_class=zeroshot_per_class, min_objects=min_objects, max_objects=max_objects,
-        relations=relations, noise=noise, pretrain_format=pretrain_format, train_format=train_format,
-        test_format=test_format, shard_size=shard_size, workers=workers, overwrite=overwrite,
-    )
+    return _options(DemoDataConfig)
+
+
+@_command("demo-data", _demo_data_options)
+def demo_data_command(values: dict) -> None:
+    """Generate the demo world: seeded captioned scenes as webdataset shards, CSV and zero-shot trees."""
+    from rdkd.options import config_values
+    from rdkd.stages.demo_data import DemoDataConfig, demo_data
+
+    options = config_values(DemoDataConfig, values)
+    world = demo_data(**options)
     splits = ", ".join(f"{name} {s['images']} ({s['format']}: {s['path']})" for name, s in world["splits"].items())
     tasks = ", ".join(f"{name} {t['images']}" for name, t in world["zeroshot"].items())
     timing = f" in {world['seconds']:.1f} s" if "seconds" in world else " (already up to date)"
-    typer.echo(f"demo world in {out}{timing}: {splits}; zero-shot: {tasks or 'none'}")
+    typer.echo(f"demo world in {options['out']}{timing}: {splits}; zero-shot: {tasks or 'none'}")
 
 
 def main() -> None:

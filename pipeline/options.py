@@ -6,8 +6,9 @@ field's name with dashes) and what the command line checks (typer's ``min``, ``m
 default and help live in the dataclass alone, and the config a stage records is the one
 the command line filled. A field whose command-line value needs converting (``"0.08,1.0"``
 to a pair, ``TERM=VALUE`` words to a dict) names its ``parse`` and the command-line type;
-a field that holds another config (:func:`nested`) is offered as that config's options.
-Fields made with plain ``dataclasses.field`` are not options.
+a field made with ``argument=True`` is a positional argument instead of an option; a field
+that holds another config (:func:`nested`) is offered as that config's options. Fields made
+with plain ``dataclasses.field`` are not options.
 """
 
 from __future__ import annotations
@@ -29,16 +30,20 @@ class CliOption:
     cli_type: Any = None  # the command-line type, when it is not the field's
     cli_default: Any = None  # the command-line default, when ``has_cli_default``
     has_cli_default: bool = False
+    argument: bool = False  # a positional argument (no flags) rather than an option
 
 
 def option(default: Any = ..., help: str = "", *flags: str, factory: Callable[[], Any] | None = None,
            parse: Callable[[Any], Any] | None = None, cli_type: Any = None, cli_default: Any = MISSING,
-           **checks: Any) -> Any:
+           argument: bool = False, **checks: Any) -> Any:
     """A dataclass field that is also a command-line option; ``default`` ``...`` (or none):
     a required one. ``flags``: its names on the command line (typer's spelling, e.g.
-    ``"--stream/--no-stream"``); ``checks``: typer's ``min``, ``max``."""
+    ``"--stream/--no-stream"``); ``checks``: typer's ``min``, ``max``; ``argument``: a
+    positional argument (no flags; a list type takes every remaining word)."""
+    if argument and flags:
+        raise ValueError("a positional argument has no flags")
     metadata = {"cli": CliOption(help, flags, checks, parse, cli_type, None if cli_default is MISSING else cli_default,
-                                 cli_default is not MISSING)}
+                                 cli_default is not MISSING, argument)}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     if default is ...:

@@ -41,7 +41,7 @@ import shutil
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -50,6 +50,7 @@ from rdkd.stages import demo_world
 from rdkd.stages.demo_world import PROFILES, Sample, WorldConfig
 from rdkd.errors import UserError
 from rdkd.files import writing
+from rdkd.options import option
 
 WORLD_FILE = "world.json"
 WORLD_FORMAT_VERSION = 1
@@ -74,22 +75,55 @@ def _render_job(cfg: WorldConfig, job: _Job) -> list[Sample]:
     return [demo_world.make_zeroshot_sample(cfg, job.name, job.label, i) for i in range(job.start, job.stop)]
 
 
-def resolve_config(profile: str = "demo", **overrides) -> WorldConfig:
-    """The profile's config with every override that is not ``None`` applied and checked."""
-    if profile not in PROFILES:
-        raise UserError(f"unknown demo-data profile {profile!r}; choose from {', '.join(PROFILES)}")
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(WorldConfig)})
-    if unknown:
-        raise UserError(f"unknown demo-data option(s): {', '.join(unknown)}")
-    if "zeroshot_tasks" in changes:
-        changes["zeroshot_tasks"] = tuple(changes["zeroshot_tasks"])
-    cfg = dataclasses.replace(PROFILES[profile], **changes)
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    return cfg
+def _tasks(words: list[str] | None) -> tuple[str, ...] | None:
+    """The command line's ``--zeroshot-task`` words; none given: the profile's tasks."""
+    return tuple(words) if words else None
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoDataConfig:
+    """``rdkd demo-data``'s options: where the world goes, its profile, overrides of the
+    profile's :class:`WorldConfig` fields (``None``: the profile's value) and how it is
+    written (``workers``, ``overwrite``; the bytes do not depend on them)."""
+
+    out: Path = option(Path("artifacts/demo/data"), "Output folder of the world.", "--out", "-o")
+    profile: str = option("demo", "Size preset: 'demo' (the dvc demo) or 'quick' (a few hundred images, CI).")
+    seed: int | None = option(None, "World seed (profile default 0).")
+    image_size: int | None = option(None, "Image side in pixels (default 32).", min=16)
+    pretrain: int | None = option(None, "Images in the teacher's pretraining split.", min=0)
+    train: int | None = option(None, "Images in the distillation split.", min=0)
+    test: int | None = option(None, "Images in the multi-caption test split.", min=0)
+    test_captions: int | None = option(None, "Paraphrased captions per test image.", min=1)
+    zeroshot_tasks: tuple[str, ...] | None = option(
+        None, "Zero-shot task (repeatable): shape, colour, size, position.", "--zeroshot-task", parse=_tasks,
+        cli_type=Optional[List[str]])
+    zeroshot_per_class: int | None = option(None, "Images per class of each zero-shot task.", min=0)
+    min_objects: int | None = option(None, "Fewest objects in a scene.", min=1, max=3)
+    max_objects: int | None = option(None, "Most objects in a scene.", min=1, max=3)
+    relations: bool | None = option(None, "Captions with 'left of', 'above', ...", "--relations/--no-relations")
+    noise: float | None = option(None, "Max Gaussian pixel-noise std (0-255 units).", min=0.0)
+    pretrain_format: str | None = option(None, "'webdataset' or 'csv'.")
+    train_format: str | None = option(None, "'webdataset' or 'csv'.")
+    test_format: str | None = option(None, "'webdataset' or 'csv'.")
+    shard_size: int | None = option(None, "Samples per webdataset shard.", min=1, max=10000)
+    workers: int | None = option(None, "Rendering processes (default: CPU count, max 8).", min=1)
+    overwrite: bool = option(False, "Replace an existing world with other settings.", "--overwrite/--no-overwrite")
+
+    def world(self) -> WorldConfig:
+        """The profile's config with every override that is not ``None`` applied and checked."""
+        if self.profile not in PROFILES:
+            raise UserError(f"unknown demo-data profile {self.profile!r}; choose from {', '.join(PROFILES)}")
+        world_fields = {f.name for f in dataclasses.fields(WorldConfig)}
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name in world_fields and getattr(self, f.name) is not None}
+        if "zeroshot_tasks" in changes:
+            changes["zeroshot_tasks"] = tuple(changes["zeroshot_tasks"])
+        cfg = dataclasses.replace(PROFILES[self.profile], **changes)
+        try:
+            cfg.validate()
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        return cfg
 
 
 def _split_jobs(cfg: WorldConfig) -> list[_Job]:
@@ -286,27 +320,28 @@ def _check_destination(out: Path, description: dict, overwrite: bool) -> bool:
     raise UserError(f"{out} holds a demo world with other settings; pass --overwrite to replace it")
 
 
-def demo_data(out: Path | str = Path("artifacts/demo/data"), profile: str = "demo", *, workers: int | None = None,
-              overwrite: bool = False, progress: bool = True, **world: Any) -> dict:
+def demo_data(out: Path | str = DemoDataConfig.out, profile: str = DemoDataConfig.profile, *,
+              progress: bool = True, **options: Any) -> dict:
     """Generate the demo world into ``out``; return its description (``world.json``).
 
     A fresh generation adds ``seconds`` (wall time) to the returned dict; world.json itself
     holds nothing that varies between runs.
 
-    ``profile`` (``demo`` or ``quick``) sets every size; ``world`` overrides fields of
-    :class:`rdkd.stages.demo_world.WorldConfig` (``seed``, ``image_size``, split sizes,
-    formats, ...; ``None`` keeps the profile's value). ``workers`` processes render in
-    parallel (default: the CPU count, at most 8); the bytes written do not depend on it.
-    When ``out`` already holds the same world nothing is done; a different one is replaced
-    only with ``overwrite``.
+    ``profile`` (``demo`` or ``quick``) sets every size; ``options`` are the other fields of
+    :class:`DemoDataConfig` (``rdkd demo-data``'s options, by field name): overrides of
+    :class:`rdkd.stages.demo_world.WorldConfig` fields (``seed``, ``image_size``, split
+    sizes, formats, ...; ``None`` keeps the profile's value), ``workers`` processes that
+    render in parallel (default: the CPU count, at most 8; the bytes written do not depend
+    on it) and ``overwrite``. When ``out`` already holds the same world nothing is done; a
+    different one is replaced only with ``overwrite``.
     """
-    cfg = resolve_config(profile, **world)
-    out = Path(out)
+    config = DemoDataConfig(out=Path(out), profile=profile, **options)
+    cfg = config.world()
+    out = config.out
     description = _world_description(cfg, profile)
-    if _check_destination(out, description, overwrite):
+    if _check_destination(out, description, config.overwrite):
         return description
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8)
+    workers = min(os.cpu_count() or 1, 8) if config.workers is None else config.workers
     if workers < 1:
         raise UserError("workers must be >= 1")
 

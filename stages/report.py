@@ -51,17 +51,38 @@ import json
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence
 
 from rdkd.errors import UserError
 from rdkd.files import atomic_write, atomic_write_csv, atomic_write_text
 from rdkd.labels import LABELS_FILE, RunLabels
-from rdkd.metrics import as_written
+from rdkd.options import option
+
+# rdkd.metrics (torch, FAISS) and rdkd.losses are imported where they are used, so that the
+# command line learns this stage's options (ReportConfig) without them.
 
 DEFAULT_OUT = Path("artifacts/report")
 DEFAULT_INPUTS = ("artifacts/eval/**/metrics.json",)
+
+
+def _inputs(words: list[str] | None) -> tuple[str, ...]:
+    """The command line's input words; none given: :data:`DEFAULT_INPUTS`."""
+    return tuple(words) if words else DEFAULT_INPUTS
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``rdkd report``'s arguments: what :func:`report` takes."""
+
+    inputs: tuple[str, ...] = option(DEFAULT_INPUTS, "metrics.json files, folders or glob patterns (default "
+                                     f"{', '.join(DEFAULT_INPUTS)}).", argument=True, parse=_inputs,
+                                     cli_type=Optional[List[str]], cli_default=None)
+    out: Path = option(DEFAULT_OUT, "Report folder: report.md, runs.csv, table.csv, PNG plots.", "--out", "-o")
+
+
 NO_KD_METHOD = "clip"  # the student trained on the task loss alone: the baseline of "gap closed"
 TEACHER_METHOD = "teacher"
 CONFIDENCE = 0.95
@@ -478,6 +499,8 @@ def _write_markdown(path: Path, groups: list[dict], all_metrics: list[str], head
 
 def _written(cell: Any) -> Any:
     """A CSV cell: floats at the digits rdkd writes every metric with (``rdkd.metrics.as_written``)."""
+    from rdkd.metrics import as_written
+
     return as_written(cell) if isinstance(cell, float) else cell
 
 
@@ -502,6 +525,8 @@ def _write_table_csv(path: Path, groups: list[dict], all_metrics: list[str]) -> 
 
 
 def _write_paired_csv(path: Path, paired: list[dict]) -> None:
+    from rdkd.metrics import as_written
+
     header = ["student", "a", "b", "metric", "n", "seeds", "differences", "mean", "ci_low", "ci_high",
               "distinguishable"]
     rows = [[r["student"], r["a"], r["b"], r["metric"], len(r["seeds"]), " ".join(map(str, r["seeds"])),

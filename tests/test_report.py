@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,14 @@ def test_students_of_other_teacher_sets_are_grouped_and_paired_apart(tmp_path) -
     assert [g["method"] for g in alone["groups"]] == ["clip", "cliprd"]
     with open(tmp_path / "out" / "runs.csv") as f:
         assert {row["teachers"] for row in csv.DictReader(f)} == {"a", "b", "a+b", ""}
+
+
+def test_command_line_is_built_without_torch_faiss_or_open_clip() -> None:
+    """`rdkd report` learns its arguments from ReportConfig without the heavy libraries."""
+    check = ("import sys, typer\n"
+             "from rdkd.cli import registered_app\n"
+             "typer.main.get_command(registered_app(['report']))\n"
+             "print(sorted({'torch', 'faiss', 'open_clip'} & set(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
