@@ -63,6 +63,12 @@ def test_each_cache_gives_its_own_rows_of_the_same_view_and_caption(two_caches, 
         assert torch.equal(batch[image_key][i], b.image_embeddings(np.asarray([entry_b.image_rows.start + view]))[0])
         assert torch.equal(batch[text_key][i], b.text_embeddings(np.asarray([entry_b.text_rows.start + caption]))[0])
     assert len({int(batch["image_row"][i]) - a.find(k).image_rows.start for i, k in enumerate(keys)}) > 1
+    # what the workers ship grows by the second teacher's two rows per sample and nothing else
+    def shipped(b: dict) -> int:
+        return sum(v.element_size() * v.numel() for v in b.values() if isinstance(v, torch.Tensor))
+
+    assert batch.keys() - alone.keys() == set(teacher_keys(1))
+    assert shipped(batch) - shipped(alone) == len(items) * 2 * 40 * 4  # float32 storage, 40-d
 
 
 def test_two_caches_train_one_student_from_the_cli(two_caches, csv_dataset, tiny_vit, tmp_path, capsys):
