@@ -140,3 +140,31 @@ def test_quick_profile_reproduces_itself_byte_for_byte(quick_run, tmp_path: Path
     changed = json.loads(status.stdout)
     assert "demo_teacher" in changed and any(stage.startswith("train@") for stage in changed), changed
     assert "demo_data" not in changed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(DVC_TIMEOUT_S + 300)
+def test_ensemble_profile_distils_one_student_from_two_caches(quick_run) -> None:
+    """experiments/ensemble on the quick chain: teacher B pretrained and extracted, students
+    from B alone and from A + B, and a report that pairs them with the A-alone runs."""
+    work, params = quick_run
+    profile = work / "experiments" / "ensemble"
+    profile.mkdir(parents=True)
+    shutil.copy(REPO / "experiments/ensemble/dvc.yaml", profile / "dvc.yaml")
+    settings = yaml.safe_load((REPO / "experiments/ensemble/params.yaml").read_text())
+    settings["ensemble"]["seed"] = params["matrix"]["seed"]  # the quick chain's seeds
+    (profile / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    repro = _dvc(["repro", "experiments/ensemble/dvc.yaml"], work, timeout=DVC_TIMEOUT_S)
+    assert repro.returncode == 0, repro.stdout[-4000:] + repro.stderr[-4000:]
+    assert "Running stage 'train@" not in repro.stdout  # the default chain's runs are reused
+
+    both = json.loads((work / "artifacts/demo/ensemble/students/ab/seed0/run.json").read_text())
+    assert both["cache"] == ["artifacts/demo/cache/train", "artifacts/demo/cache-b/train"]
+    assert both["teacher_dim"] == [128, 96] and both["teachers"] == "teacher+teacher-b"
+    assert both["teacher_forwards"] == 0 and both["teacher_weights"] == [0.5, 0.5]
+    report = (work / "reports/ensemble/report.md").read_text()
+    seeds = ", ".join(map(str, params["matrix"]["seed"]))
+    for method in ("cliprd [teacher]", "cliprd [teacher-b]", "cliprd [teacher+teacher-b]"):
+        assert f"| {method} | demo-student-vit |" in report, method
+    assert (f"cliprd [teacher+teacher-b] - cliprd [teacher] on demo-student-vit, retrieval over "
+            f"{len(params['matrix']['seed'])} seeds ({seeds})") in report
