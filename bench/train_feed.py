@@ -49,7 +49,7 @@ from rdkd.models import parse_model_spec
 from rdkd.runtime import HostSyncCounter
 from rdkd.stages.demo_data import demo_data
 from rdkd.stages.extract_teacher import extract_teacher
-from rdkd.stages.train_student import setup, TrainConfig, _loader, train_student
+from rdkd.stages.train_student import setup, TrainConfig, train_student
 
 
 def make_data(root: Path, images: int, size: int) -> tuple[DataSpec, Path]:
@@ -77,13 +77,12 @@ def bytes_per_sample(root: Path, spec: DataSpec, cache: Path, student: str, batc
     run = setup(TrainConfig(data=spec, student=student, method="cliprd", cache=str(cache), steps=1,
                             batch_size=batch, workers=2, device="cpu", out=str(root / "bytes")))
     shipped, samples = 0, 0
-    loader, _ = _loader(run, 0)
-    for i, b in enumerate(loader):
+    for i, b in enumerate(run.feed.batches(0, run.plan.steps_per_epoch, **run.loader_options)):
         shipped += sum(v.nbytes for v in b.values() if isinstance(v, torch.Tensor))
         samples += len(b["index"])
         if i + 1 == batches:
             break
-    height, width = run.pairs.image_cfg.size
+    height, width = run.feed.builder.image_cfg.size
     stored = TeacherCache.open(cache)
     row_bytes = torch.empty((), dtype={"float16": torch.float16, "bfloat16": torch.bfloat16,
                                        "float32": torch.float32}[stored.storage_dtype]).element_size()
@@ -144,13 +143,12 @@ def watch(command: list[str]) -> dict:
 FEED_ONLY = """
 import sys, torch
 from rdkd.data import DataSpec
-from rdkd.stages.train_student import TrainConfig, _loader, setup
+from rdkd.stages.train_student import TrainConfig, setup
 data, cache, student, out, batch, workers, batches = sys.argv[1:8]
 run = setup(TrainConfig(data=DataSpec(data), student=student, method="cliprd", cache=cache, steps=1,
                         batch_size=int(batch), workers=int(workers), device="cpu", out=out))
-loader, pieces = _loader(run, 0)
-for i, b in enumerate(loader):
-    if i + 1 == int(batches) * pieces:
+for i, b in enumerate(run.feed.batches(0, run.plan.steps_per_epoch, **run.loader_options)):
+    if i + 1 == int(batches) * run.feed.pieces:
         break
 """
 

@@ -48,12 +48,14 @@ Samples are made by :class:`rdkd.training.PairBuilder` from ``sample_rng(seed, e
 entry)``, ``entry`` being the sample's dataset entry number (its cache shard's entry range
 plus its place among the shard's indexed samples), as :class:`rdkd.training.PairDataset`
 does: a sample gets the same view and caption in both modes. Batches have PairDataset's
-format. An image that no longer decodes (extraction decoded it) is skipped and counted; its
-slot takes the batch's next decodable sample, so batch boundaries and resume do not move.
+format. An image that no longer decodes (extraction decoded it) is skipped and counted under
+the bad-sample policy of every feed (:mod:`rdkd.training`): its slot takes the piece's next
+decodable sample, so piece boundaries and resume do not move.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -62,7 +64,7 @@ import numpy as np
 import torch
 
 from rdkd.data import BROKEN_TAR_MEMBER, DataSpec, expand_shards, caption_lines, iter_samples
-from rdkd.errors import SampleError, UserError
+from rdkd.errors import UserError
 from rdkd.training import PairBuilder, loader_generator
 
 # --stream's default (auto) streams webdataset data above this many entries (the cache
@@ -184,7 +186,8 @@ def round_robin(batches: list[int], taken: int) -> tuple[list[int], int]:
 
 
 class ShardStream:
-    """One rank's stream of local batches over the epochs (see the module docstring)."""
+    """One rank's stream of local batches over the epochs (see the module docstring): the
+    streamed :class:`rdkd.training.Feed`."""
 
     def __init__(self, layout: StreamLayout, builder: PairBuilder, batch_size: int, seed: int,
                  rank: int, world: int, workers: int, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
@@ -208,8 +211,8 @@ class ShardStream:
         self.skipped_at_join = {"rejected by the cache": undecodable} if undecodable > 0 else {}
 
     @property
-    def image_cfg(self) -> Any:
-        return self.builder.image_cfg
+    def samples(self) -> int:
+        return self.layout.samples
 
     @property
     def shape(self) -> dict:
@@ -308,21 +311,9 @@ class ShardStream:
             yield self._piece(epoch, raws)
 
     def _piece(self, epoch: int, raws: list[tuple]) -> dict:
-        """A piece of raw samples; an undecodable image's slot takes the piece's next
-        decodable sample (so the piece keeps its size and the stream its boundaries)."""
-        made, skipped = [], []
-        for key, index, captions, data, rows in raws:
-            try:
-                made.append(self.builder.sample(epoch, index, captions, data, rows))
-            except SampleError as err:
-                skipped.append((key, err.reason))
-                made.append(None)
-        if not any(made):
-            raise UserError(f"every image of a batch piece failed to decode (last: {skipped[-1][0]}: "
-                            f"{skipped[-1][1]}); check the dataset")
-        good = [i for i, sample in enumerate(made) if sample is not None]
-        filled = [made[min(good, key=lambda j: (j - i) % len(made))] for i in range(len(made))]
-        return self.builder.collate(filled, skipped)
+        """A piece of raw samples, made under the one bad-sample policy (:meth:`PairBuilder.piece`)."""
+        return self.builder.piece([(key, functools.partial(self.builder.sample, epoch, index, captions, data, rows))
+                                   for key, index, captions, data, rows in raws])
 
     def _read_shard(self, shard: int, first_position: int, wanted: np.ndarray) -> Iterator[tuple[int, tuple]]:
         """(lane position, raw sample) of the cached samples of data shard ``shard`` that are

@@ -1,10 +1,16 @@
 """Building blocks of student training, usable from any training loop.
 
-- :class:`PairDataset` joins a dataset with a teacher cache by key and yields local
-  batches of (image, caption) pairs, built in DataLoader workers: images as uint8 at the
+- a :class:`Feed` is where a training loop takes its local batches from: the steps of an
+  epoch, ``batches(start_step)`` (resumable from the step alone), each batch shipped in
+  ``pieces`` consecutive pieces that :func:`rdkd.runtime.device_batches` joins on the
+  device, what was skipped at the join, and the shape a resume must match. Two
+  implementations: :class:`IndexedFeed` (an index joined with the caches, shuffled over all
+  samples) and :class:`rdkd.streaming.ShardStream` (shards read in order).
+- :class:`PairDataset` joins a dataset with a teacher cache by key and yields pieces of
+  local batches of (image, caption) pairs, built in DataLoader workers: images as uint8 at the
   student's input size (normalise on the device with :class:`rdkd.runtime.DeviceNormalize`:
   a quarter of float32's bytes cross the process boundary; with ``decode="device"`` the
-  encoded images and their views instead, for :class:`rdkd.pixels.DeviceDecoder`), the
+  encoded images, their views and keys instead, for :class:`rdkd.pixels.DeviceDecoder`), the
   captions tokenised, and the teacher rows of exactly those views and captions, gathered
   with one read per batch and shipped in the cache's storage dtype (float16 by default: the
   exact stored values).
@@ -17,6 +23,13 @@
 Every random choice a sample needs (view, caption, crop) derives from (seed, epoch,
 index), never from a worker's RNG state, so any number of DataLoader workers, processes
 or interruptions give the same samples.
+
+One bad-sample policy for every feed (:meth:`PairBuilder.piece`, :func:`fill_slots`): an
+image that fails to decode is skipped, counted and reported with its key and reason, and
+its slot takes the nearest following decodable sample of the same piece (cyclically). A
+piece keeps its size and its boundaries, no entry is read ahead of its turn, and the
+choice depends only on which images of the piece decode, so resume stays exact; a piece
+where no image decodes stops the run with one line.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,9 +56,6 @@ from rdkd.runtime import uint8_transform
 
 # CLIP-KD's train augmentation: RandomResizedCrop with scale (0.9, 1.0).
 DEFAULT_CROP_SCALE = (0.9, 1.0)
-# How many neighbours a sample whose image fails to decode may fall back to before the
-# run gives up: a dataset where that many images in a row are broken is not usable.
-MAX_CONSECUTIVE_BAD_SAMPLES = 64
 
 
 class LossNotFinite(Diverged):
@@ -86,6 +96,23 @@ class ImageCfg:
     def to_dict(self) -> dict:
         return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+
+
+def fill_slots(decoded: Sequence[bool], skipped: Sequence[tuple[str, str]]) -> list[int]:
+    """The bad-sample policy (the module docstring): for each slot of a piece, the slot
+    whose sample fills it, its own when its image decoded, else the nearest following one
+    that did (cyclically). ``skipped``: the (key, reason) of the failed ones, for the one
+    line raised as :class:`UserError` when none decoded."""
+    good = [i for i, ok in enumerate(decoded) if ok]
+    if not good:
+        key, reason = skipped[-1]
+        raise UserError(f"no image of a batch piece decoded (last: {key}: {reason}); check the dataset")
+    fill = list(range(len(decoded)))
+    following = good[0]  # past the last decodable slot the search wraps to the first
+    for i in reversed(range(len(decoded))):
+        following = i if decoded[i] else following
+        fill[i] = following
+    return fill
 
 
 def teacher_keys(k: int) -> tuple[str, str]:
@@ -192,18 +219,38 @@ class PairBuilder:
         text = self.tokenizer([captions[caption_choice]])[0]
         return {"image": image_pixels, "text": text, "index": index, "cache_rows": cache_rows}
 
+    def piece(self, samples: Sequence[tuple[str, Callable[[], dict]]]) -> dict:
+        """A piece of a local batch from (key, make the sample) pairs, in order, made and
+        collated under the one bad-sample policy (:func:`fill_slots`): a make that raises
+        :class:`SampleError` is skipped with its key and reason, its slot filled."""
+        made: list[dict | None] = []
+        skipped: list[tuple[str, str]] = []
+        for key, make in samples:
+            try:
+                sample = make()
+            except SampleError as err:
+                skipped.append((key, err.reason))
+                made.append(None)
+                continue
+            sample["key"] = key  # --decode device records a failure by key, after the hand-over
+            made.append(sample)
+        fill = fill_slots([sample is not None for sample in made], skipped)
+        return self.collate([made[j] for j in fill], skipped)
+
     def collate(self, samples: Sequence[dict], skipped: list[tuple[str, str]]) -> dict:
         """A local batch (the format of the module docstring) with every teacher's rows of
         exactly its views and captions: one read per batch and cache, in storage dtype. The
         images go into one buffer, in shared memory inside a DataLoader worker (no copy on
         hand-over)."""
-        if self.encoded:  # the encoded images and their views (None: the eval view), host lists
+        if self.encoded:  # the encoded images, their views (None: the eval view) and keys, host lists
             images = [s["image"] for s in samples]
+            encoded = {"view": [s["view"] for s in samples], "host_key": [s["key"] for s in samples]}
         else:
             height, width = self.image_cfg.size
             images = _batch_buffer((len(samples), 3, height, width), torch.uint8)
             for i, sample in enumerate(samples):
                 images[i] = sample["image"]
+            encoded = {}
         batch = {
             "image": images,
             "text": torch.stack([s["text"] for s in samples]),
@@ -211,10 +258,8 @@ class PairBuilder:
             "image_row": torch.tensor([s["cache_rows"][0][0] for s in samples], dtype=torch.int64),
             "text_row": torch.tensor([s["cache_rows"][0][1] for s in samples], dtype=torch.int64),
             "skipped": skipped,
+            **encoded,
         }
-        if self.encoded:
-            batch["view"] = [s["view"] for s in samples]
-            batch["host_index"] = [s["index"] for s in samples]
         for k, cache in enumerate(self.caches):
             image_rows = np.asarray([s["cache_rows"][k][0] for s in samples], dtype=np.int64)
             text_rows = np.asarray([s["cache_rows"][k][1] for s in samples], dtype=np.int64)
@@ -240,17 +285,17 @@ class PairBuilder:
 class PairDataset(torch.utils.data.Dataset):
     """(image, caption) training pairs of a dataset, joined by key with its teacher caches.
 
-    Indexed by a list of ``(epoch, position)`` items (one local batch, as
+    Indexed by a list of ``(epoch, position)`` items (one piece of a local batch, as
     :class:`EpochBatchSampler` yields them; give the DataLoader ``sampler=`` and
-    ``batch_size=None``) and returns the batch as a dict: ``image`` uint8 [B, 3, H, W],
-    ``text`` tokens, ``index`` dataset entries, ``image_row`` / ``text_row`` the first
+    ``batch_size=None``, as :class:`IndexedFeed` does) and returns the piece as a dict:
+    ``image`` uint8 [B, 3, H, W], ``text`` tokens, ``index`` dataset entries, ``image_row`` / ``text_row`` the first
     cache's rows, per cache ``k`` the teacher rows in storage dtype under
     :func:`teacher_keys` ``(k)`` (``t_img`` / ``t_txt`` for the first), ``skipped``.
     ``position`` indexes the usable entries: dataset entries every cache holds and did not
     reject (without a cache: every entry); each cache is joined by key on its own, so
     caches of one dataset cut into shards differently still agree. An image that fails to
-    decode is skipped: the item falls back to the next usable entry and reports the skipped
-    key with its reason. Samples are made by a :class:`PairBuilder` (``.builder``).
+    decode is skipped and reported with its key and reason, its slot filled from the same
+    piece (:meth:`PairBuilder.piece`). Samples are made by a :class:`PairBuilder` (``.builder``).
     """
 
     def __init__(self, data: Any, tokenizer: Callable, image_cfg: ImageCfg, seed: int,
@@ -297,30 +342,15 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, items: Sequence[tuple[int, int]]) -> dict:
-        """One local batch, built in a DataLoader worker (see the module docstring)."""
-        samples = [self.sample(epoch, position) for epoch, position in items]
-        return self.builder.collate(samples, [skip for s in samples for skip in s["skipped"]])
+        """One piece of a local batch, built in a DataLoader worker (see the module docstring)."""
+        return self.builder.piece([(self.data.keys[int(self.entries[position])],
+                                    functools.partial(self._load, epoch, position)) for epoch, position in items])
 
-    def sample(self, epoch: int, position: int) -> dict:
-        """Item ``position`` of ``epoch``: uint8 image, tokens, dataset index, cache rows
-        (-1 without a cache) and the (key, reason) of images skipped on the way."""
-        skipped = []
-        for attempt in range(MAX_CONSECUTIVE_BAD_SAMPLES):
-            pos = (position + attempt) % len(self.entries)
-            try:
-                sample = self._load(epoch, pos)
-            except SampleError as err:
-                index = int(self.entries[pos])
-                skipped.append((self.data.keys[index], err.reason))
-                continue
-            sample["skipped"] = skipped
-            return sample
-        raise UserError(f"{MAX_CONSECUTIVE_BAD_SAMPLES} images in a row failed to decode "
-                        f"(last: {skipped[-1][0]}: {skipped[-1][1]}); check the dataset")
-
-    def _load(self, epoch: int, pos: int) -> dict:
-        index = int(self.entries[pos])
-        rows = None if self.cache_rows is None else [tuple(r) for r in self.cache_rows[:, pos].tolist()]
+    def _load(self, epoch: int, position: int) -> dict:
+        """The sample of usable entry ``position`` in ``epoch``; raises :class:`SampleError`
+        when its image does not decode."""
+        index = int(self.entries[position])
+        rows = None if self.cache_rows is None else [tuple(r) for r in self.cache_rows[:, position].tolist()]
         return self.builder.sample(epoch, index, self.data.captions(index), self.data.read_image_bytes(index), rows)
 
 
@@ -381,6 +411,67 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # an endless stream; the training loop counts steps
         return 2**62
+
+
+class Feed(Protocol):
+    """Where a training loop takes its local batches from (the module docstring):
+    :class:`IndexedFeed` or :class:`rdkd.streaming.ShardStream`."""
+
+    builder: PairBuilder  # makes the samples: its caches, image config and way of making pixels
+    pieces: int  # pieces a local batch comes in, consecutive in ``batches``
+    piece_size: int  # samples of the largest piece (what a DataLoader's prefetch is sized by)
+    skipped_at_join: dict[str, int]  # samples left out before training, counted by reason
+
+    @property
+    def samples(self) -> int:
+        """Usable samples (after the join with the caches)."""
+
+    @property
+    def shape(self) -> dict | None:
+        """What the order of batches depends on besides seed and data, which a resume must
+        match (None: nothing more than the batch size and the world size)."""
+
+    def steps_per_epoch(self, epochs: int | None = None, steps: int | None = None) -> int:
+        """Steps every rank does per epoch, for a run of ``epochs`` or ``steps``."""
+
+    def batches(self, start_step: int, steps_per_epoch: int, **loader_options: Any) -> Iterator[dict]:
+        """The pieces of the local batches from ``start_step`` on, endlessly, built by
+        DataLoader workers (``loader_options``: pin_memory, prefetch_factor)."""
+
+
+class IndexedFeed:
+    """The indexed :class:`Feed`: a :class:`PairDataset`'s pieces in :class:`EpochBatchSampler`
+    order (shuffled over all usable samples per epoch), built by ``workers`` DataLoader
+    workers whose base seed comes from :func:`loader_generator` (seed, rank)."""
+
+    def __init__(self, pairs: PairDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 workers: int = 0, pieces: int = 1):
+        self.pairs = pairs
+        self.builder = pairs.builder
+        self.skipped_at_join = pairs.skipped_at_join
+        self.seed, self.rank, self.world, self.workers = int(seed), rank, world, workers
+        self._sampler = EpochBatchSampler(len(pairs), batch_size, self.seed, rank, world, pieces=pieces)
+        self.pieces = self._sampler.pieces
+        self.piece_size = math.ceil(batch_size / self.pieces)
+
+    @property
+    def samples(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def shape(self) -> None:
+        return None
+
+    def steps_per_epoch(self, epochs: int | None = None, steps: int | None = None) -> int:
+        return self._sampler.steps_per_epoch  # every epoch holds the same samples
+
+    def batches(self, start_step: int, steps_per_epoch: int, **loader_options: Any) -> Iterator[dict]:
+        sampler = EpochBatchSampler(len(self.pairs), self._sampler.batch_size, self.seed, self.rank, self.world,
+                                    start=divmod(start_step, steps_per_epoch), pieces=self.pieces)
+        # a generator: the DataLoader starts its workers at the first piece asked for
+        yield from torch.utils.data.DataLoader(self.pairs, sampler=sampler, batch_size=None,
+                                               num_workers=self.workers,
+                                               generator=loader_generator(self.seed, self.rank), **loader_options)
 
 
 def is_decayed(name: str, param: torch.nn.Parameter) -> bool:

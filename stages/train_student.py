@@ -45,7 +45,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,8 +56,9 @@ from rdkd.files import atomic_write
 from rdkd.labels import RUN_FILE, RunLabels, teacher_set
 from rdkd.options import option
 from rdkd.training import (
-    EpochBatchSampler,
+    Feed,
     ImageCfg,
+    IndexedFeed,
     LogWindow,
     LossNotFinite,
     MetricsLog,
@@ -66,8 +67,8 @@ from rdkd.training import (
     TeacherForwardCounter,
     build_optimizer,
     build_scheduler,
+    fill_slots,
     load_checkpoint,
-    loader_generator,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -221,7 +222,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    pairs: PairDataset | streaming.ShardStream
+    feed: Feed
+    loader_options: dict  # the DataLoader's pin_memory and prefetch_factor (sized by bytes)
     normalize: runtime.DeviceNormalize
     decoder: pixels.DeviceDecoder | None
     t_scales: list[torch.Tensor]  # each teacher's logit-scale multiplier tau (1.0 without a teacher)
@@ -265,8 +267,8 @@ def train_student(data: Any, student: str, method: str = "cliprd",
             window.load_state_dict(run.resume_state["log_window"])
         if run.dist.is_main:
             log = MetricsLog(run.log_dir, resume_step=progress.resumed_from)
-        loader, pieces = _loader(run, progress.step)
-        batches = runtime.device_batches(loader, run.device, pieces)
+        batches = runtime.device_batches(run.feed.batches(progress.step, run.plan.steps_per_epoch,
+                                                          **run.loader_options), run.device, run.feed.pieces)
         total = run.plan.total_steps
         timer = _IntervalTimer(progress.step)
         run.model.train()
@@ -301,23 +303,21 @@ def train_student(data: Any, student: str, method: str = "cliprd",
 def _decode_images(run: Run, batch: dict) -> None:
     """``--decode device``: the batch's encoded images become its uint8 views on the device.
     An image no path decodes (its header read in the worker, its data not) is recorded as
-    skipped and its row takes the place of another sample of the batch, so that the batch
-    keeps its size on every rank (rare: a corrupt file that reads as an image)."""
+    skipped with its key and its row filled under the workers' bad-sample policy
+    (:func:`rdkd.training.fill_slots`), over the batch, whose pieces are joined by now: the
+    batch keeps its size on every rank (rare: a corrupt file that reads as an image)."""
     images, failed = run.decoder.decode(batch["image"], [[view] for view in batch["view"]])
     batch["image"] = images
     if not failed:
         return
+    skipped = [(batch["host_key"][i], reason) for i, reason in failed]
+    batch["skipped"].extend(skipped)
     lost = {i for i, _ in failed}
-    good = [i for i in range(len(batch["view"])) if i not in lost]
-    if not good:
-        raise UserError(f"no image of a batch decoded on the device (first: {failed[0][1]}); check the dataset")
-    keys = getattr(getattr(run.pairs, "data", None), "keys", None)
-    for n, (i, reason) in enumerate(failed):
-        index = batch["host_index"][i]
-        batch["skipped"].append((keys[index] if keys is not None else f"entry {index}", reason))
-        for name, value in batch.items():
+    fill = fill_slots([i not in lost for i in range(len(batch["view"]))], skipped)
+    for i in sorted(lost):
+        for value in batch.values():
             if isinstance(value, torch.Tensor):
-                value[i] = value[good[n % len(good)]]
+                value[i] = value[fill[i]]
 
 
 def train_step(run: Run, batch: dict, window: LogWindow) -> None:
@@ -380,30 +380,21 @@ def setup(config: TrainConfig) -> Run:
                                      teacher_dim=teacher_dims or built.embed_dim, scale_param=config.scale_param,
                                      teacher_weights=teacher_weights).to(device)
 
-    local_batch = config.batch_size // dist.world_size
-    if layout is None:
-        pairs = PairDataset(dataset, built.tokenizer, image_cfg, config.seed, caches, decode=config.decode)
-        steps_per_epoch = EpochBatchSampler(len(pairs), local_batch, config.seed,
-                                            dist.rank, dist.world_size).steps_per_epoch
-        samples, fingerprint = len(pairs), dataset.fingerprint
-    else:  # the caches vouch for the data; the stream checks each sample's key and captions against them
-        pieces = math.ceil(local_batch * _sample_bytes(image_cfg, built.model_config, teacher_dims) / PIECE_BYTES)
-        pairs = streaming.ShardStream(layout, PairBuilder(built.tokenizer, image_cfg, config.seed, caches,
-                                                          decode=config.decode),
-                                      local_batch, config.seed, dist.rank, dist.world_size, config.workers,
-                                      config.shuffle_buffer, pieces=pieces)
-        steps_per_epoch = pairs.steps_per_epoch(epochs=config.epochs, steps=config.steps)
-        samples, fingerprint = layout.samples, caches[0].dataset_fingerprint
+    sample_bytes = _sample_bytes(image_cfg, built.model_config, teacher_dims)
+    feed = _feed(config, dist, built.tokenizer, image_cfg, caches, layout, dataset, sample_bytes)
+    steps_per_epoch = feed.steps_per_epoch(epochs=config.epochs, steps=config.steps)
+    # streamed, the caches vouch for the data (the stream checks each sample's key and captions against them)
+    fingerprint = dataset.fingerprint if dataset is not None else caches[0].dataset_fingerprint
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     plan = Plan(
         weights=loss_module.weights, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         warmup=min(10_000, total_steps // 10) if config.warmup is None else config.warmup,
-        samples=samples, world_size=dist.world_size, dataset_fingerprint=fingerprint,
+        samples=feed.samples, world_size=dist.world_size, dataset_fingerprint=fingerprint,
         cache_fingerprint=one_or_list([cache.cache_id for cache in caches]), embed_dim=built.embed_dim,
         teacher_dim=one_or_list(teacher_dims), student_image_cfg=image_cfg.to_dict(),
         teacher=one_or_list([cache.manifest.get("teacher") for cache in caches]),
         teacher_weights=teacher_weights if len(caches) > 1 else None,
-        stream=pairs.shape if layout is not None else None)
+        stream=feed.shape)
 
     out_dir, resume_state = _output_and_resume(config, plan)
 
@@ -417,12 +408,29 @@ def setup(config: TrainConfig) -> Run:
         model_config=built.model_config, loss_module=loss_module, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, plan.warmup, total_steps),
         scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
-        pairs=pairs, normalize=runtime.DeviceNormalize(image_cfg.mean, image_cfg.std, device),
-        decoder=pixels.DeviceDecoder(pairs.builder.renderer, device) if config.decode == "device" else None,
+        feed=feed, normalize=runtime.DeviceNormalize(image_cfg.mean, image_cfg.std, device),
+        loader_options={"pin_memory": device.type == "cuda", "prefetch_factor": runtime.prefetch_factor(
+            feed.piece_size * sample_bytes, config.workers, runtime.PREFETCH_BUDGET_BYTES)},
+        decoder=pixels.DeviceDecoder(feed.builder.renderer, device) if config.decode == "device" else None,
         t_scales=[torch.tensor(cache.logit_scale, device=device) for cache in caches],
         out_dir=out_dir, log_dir=Path(config.log_dir) if config.log_dir else out_dir / "logs",
         trained=[p for g in optimizer.param_groups for p in g["params"]], resume_state=resume_state)
     return run
+
+
+def _feed(config: TrainConfig, dist: Any, tokenizer: Any, image_cfg: ImageCfg, caches: Sequence[Any],
+          layout: streaming.StreamLayout | None, dataset: Any, sample_bytes: int) -> Feed:
+    """This rank's feed: indexed, or streamed when there is a layout. Workers build local
+    batches in pieces of at most ``PIECE_BYTES`` (the memory in flight does not grow with the
+    batch size); how many is decided here, once, for either feed."""
+    local_batch = config.batch_size // dist.world_size
+    pieces = math.ceil(local_batch * sample_bytes / PIECE_BYTES)
+    if layout is None:
+        pairs = PairDataset(dataset, tokenizer, image_cfg, config.seed, caches, decode=config.decode)
+        return IndexedFeed(pairs, local_batch, config.seed, dist.rank, dist.world_size, config.workers, pieces)
+    builder = PairBuilder(tokenizer, image_cfg, config.seed, caches, decode=config.decode)
+    return streaming.ShardStream(layout, builder, local_batch, config.seed, dist.rank, dist.world_size,
+                                 config.workers, config.shuffle_buffer, pieces=pieces)
 
 
 def _open_data(config: TrainConfig) -> tuple[list[Any], streaming.StreamLayout | None, Any]:
@@ -519,7 +527,7 @@ def _output_and_resume(config: TrainConfig, plan: Plan) -> tuple[Path, dict | No
 def restore(run: Run) -> Progress:
     """The starting point: step 0, or the state of the checkpoint being resumed."""
     state = run.resume_state
-    progress = Progress(skipped=dict(run.pairs.skipped_at_join))
+    progress = Progress(skipped=dict(run.feed.skipped_at_join))
     if state is None:
         return progress
     run.model.load_state_dict(state["model"])
@@ -535,31 +543,6 @@ def restore(run: Run) -> Progress:
     progress.skipped_records = list(records[run.dist.rank]) if run.dist.rank < len(records) else []
     progress.last_checkpoint = state["path"]
     return progress
-
-
-def _loader(run: Run, start_step: int) -> tuple[Iterable[dict], int]:
-    """(the loader, pieces per batch). Workers build pieces of local batches of at most
-    ``PIECE_BYTES`` (the sampler yields a piece's items, batch_size=None; streaming: each
-    worker reads its own shards), their prefetch sized by bytes: what is in flight does not
-    grow with the batch size."""
-    local = run.config.batch_size // run.dist.world_size
-    sample_bytes = _sample_bytes(run.pairs.image_cfg, run.model_config, [c.dim for c in run.pairs.builder.caches])
-    workers = run.config.workers
-    if isinstance(run.pairs, streaming.ShardStream):
-        stream = run.pairs
-        loader = stream.batches(start_step, run.plan.steps_per_epoch, pin_memory=run.device.type == "cuda",
-                                prefetch_factor=runtime.prefetch_factor(stream.piece_size * sample_bytes, workers,
-                                                                        runtime.PREFETCH_BUDGET_BYTES))
-        return loader, stream.pieces
-    pieces = math.ceil(local * sample_bytes / PIECE_BYTES)
-    sampler = EpochBatchSampler(len(run.pairs), local, run.config.seed, run.dist.rank, run.dist.world_size,
-                                start=divmod(start_step, run.plan.steps_per_epoch), pieces=pieces)
-    loader = torch.utils.data.DataLoader(
-        run.pairs, sampler=sampler, batch_size=None, num_workers=workers,
-        generator=loader_generator(run.config.seed, run.dist.rank), pin_memory=run.device.type == "cuda",
-        prefetch_factor=runtime.prefetch_factor(math.ceil(local / sampler.pieces) * sample_bytes, workers,
-                                                runtime.PREFETCH_BUDGET_BYTES))
-    return loader, sampler.pieces
 
 
 def _sample_bytes(image_cfg: ImageCfg, model_config: dict, teacher_dims: Sequence[int]) -> int:
@@ -669,7 +652,7 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
         **config.to_dict(), **asdict(plan),
         **RunLabels(method=config.method, student=_student_label(config.student), seed=config.seed,
                     teacher_forwards=teacher_forwards, embed_dim=plan.embed_dim,
-                    teachers=teacher_set([c.manifest["teacher"] for c in run.pairs.builder.caches])).to_dict(),
+                    teachers=teacher_set([c.manifest["teacher"] for c in run.feed.builder.caches])).to_dict(),
         "student_spec": config.student,
         "steps": plan.total_steps, "epochs": plan.total_steps / plan.steps_per_epoch,
         "global_batch": config.batch_size, "skipped": progress.skipped,
@@ -681,7 +664,7 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
     }
     if run.decoder is not None:  # --decode device: images this rank decoded on the CPU path (not JPEG, refused)
         summary["device_decode_fallbacks"] = run.decoder.fallbacks
-    preprocess = run.pairs.builder.preprocess
+    preprocess = run.feed.builder.preprocess
     if preprocess != "exact":  # recorded for evaluate; absent means exact, as in a cache
         summary[pixels.MANIFEST_FIELD] = preprocess
     all_records = [r for rank in _gather_objects(progress.skipped_records, run.dist) for r in rank]

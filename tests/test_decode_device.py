@@ -94,7 +94,6 @@ def test_device_replay_gives_the_workers_pixels(caches, photo_dataset, tiny_teac
 
     class Run:  # what _decode_images reads of a run
         decoder = DeviceDecoder(encoded.builder.renderer, torch.device("cpu"))
-        pairs = encoded
 
     from rdkd.runtime import HostSyncCounter
 

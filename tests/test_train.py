@@ -393,16 +393,18 @@ def test_export_loads_with_plain_open_clip(tmp_path, csv_dataset, teacher_cache,
     assert features.shape == (1, 24) and text.shape == (1, 24)
 
 
-@pytest.mark.parametrize("piece_bytes", [None, 1], ids=["whole-batches", "one-sample-pieces"])
-def test_skips_and_counts_images_that_fail_to_decode(tmp_path, monkeypatch, tiny_clip_config, piece_bytes):
+@pytest.mark.parametrize("samples_per_piece", [None, 2], ids=["whole-batches", "two-sample-pieces"])
+def test_skips_and_counts_images_that_fail_to_decode(tmp_path, monkeypatch, tiny_clip_config, samples_per_piece):
     """One of 8 images is not an image; 4 steps of 4 are two epochs, each visiting it once:
     two skips of that key, each recorded at the step whose batch drew it, whether a batch
-    arrives whole or in pieces of one sample (the bad one in a later piece)."""
+    arrives whole or in pieces of two samples (its slot filled from its own piece)."""
     import rdkd.stages.train_student as stage
     from rdkd.data import open_dataset
+    from rdkd.training import ImageCfg
 
-    if piece_bytes is not None:
-        monkeypatch.setattr(stage, "PIECE_BYTES", piece_bytes)
+    if samples_per_piece is not None:  # the tiny CLIP's samples: 32 px, 16 tokens, no teacher rows
+        sample_bytes = stage._sample_bytes(ImageCfg((32, 32), (0.0,) * 3, (1.0,) * 3), builders.TINY_CLIP_CONFIG, [])
+        monkeypatch.setattr(stage, "PIECE_BYTES", samples_per_piece * sample_bytes)
     samples = builders.standard_samples(8)
     samples[2] = dataclasses.replace(samples[2], data=b"not an image")
     spec = builders.write_csv_dataset(tmp_path / "data", samples)
@@ -417,6 +419,31 @@ def test_skips_and_counts_images_that_fail_to_decode(tmp_path, monkeypatch, tiny
     assert json.loads((run / "run.json").read_text())["skipped"] == {"not an image": 2}
     records = [json.loads(line) for line in (run / "logs" / "skipped.jsonl").read_text().splitlines()]
     assert records == [{"key": data.keys[bad], "reason": "not an image", "step": step} for step in steps]
+
+
+def test_an_undecodable_image_takes_the_next_decodable_sample_of_its_piece(tmp_path, tiny_clip_config):
+    """The one bad-sample policy, as the indexed feed's workers apply it: the bad image is
+    skipped and reported with its key and reason, its slot filled by the nearest following
+    decodable sample of the same piece (cyclically: the first one when it is last), and
+    nothing is read beyond the piece; a piece where no image decodes stops with one line."""
+    from rdkd.data import open_dataset
+    from rdkd.errors import UserError
+    from rdkd.models import create_student
+    from rdkd.training import ImageCfg
+
+    samples = builders.standard_samples(8)
+    samples[2] = dataclasses.replace(samples[2], data=b"not an image")
+    data = open_dataset(builders.write_csv_dataset(tmp_path / "data", samples))
+    [bad] = [i for i in range(len(data)) if data.captions(i) == samples[2].captions]
+    student = create_student(str(tiny_clip_config))
+    pairs = PairDataset(data, student.tokenizer, ImageCfg.of_model(student.model), seed=0)
+    others = [i for i in range(len(data)) if i != bad]  # no cache: position = index
+    for piece, filled in (([others[0], bad, others[1]], others[1]), ([others[0], others[1], bad], others[0])):
+        got = pairs[[(0, p) for p in piece]]
+        assert got["index"].tolist() == [filled if p == bad else p for p in piece]
+        assert got["skipped"] == [(data.keys[bad], "not an image")]
+    with pytest.raises(UserError, match=f"^no image of a batch piece decoded \\(last: {data.keys[bad]}: not an image\\)"):
+        pairs[[(0, bad)]]
 
 
 # --- what the stage hands the loss: guards of the loop's wiring -------------------------------
