@@ -652,7 +652,7 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
         **config.to_dict(), **asdict(plan),
         **RunLabels(method=config.method, student=_student_label(config.student), seed=config.seed,
                     teacher_forwards=teacher_forwards, embed_dim=plan.embed_dim,
-                    teachers=teacher_set([c.manifest["teacher"] for c in run.feed.builder.caches])).to_dict(),
+                    teachers=_teachers_label(run)).to_dict(),
         "student_spec": config.student,
         "steps": plan.total_steps, "epochs": plan.total_steps / plan.steps_per_epoch,
         "global_batch": config.batch_size, "skipped": progress.skipped,
@@ -678,6 +678,14 @@ def _finish(run: Run, progress: Progress, teacher_forwards: int) -> dict:
                      lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     distributed.barrier()
     return summary
+
+
+def _teachers_label(run: Run) -> str | None:
+    """The teacher set the student learned from; None when its loss reads no teacher (the
+    ``clip`` preset given a cache learns from the data alone)."""
+    if not run.loss_module.needs_teacher:
+        return None
+    return teacher_set([cache.manifest["teacher"] for cache in run.feed.builder.caches])
 
 
 def _last_record(log_dir: Path) -> dict:

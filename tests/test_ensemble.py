@@ -96,6 +96,9 @@ def test_one_cache_records_what_it_recorded_before_ensembles(two_caches, csv_dat
                             **TRAIN_FAST)
     assert summary["cache"] == str(two_caches[0]) and summary["teacher_dim"] == 32
     assert summary["teacher_weights"] is None and isinstance(summary["cache_fingerprint"], str)
+    assert summary["teachers"] == "tiny-teacher0"  # labelled by its teacher's folder
+    no_kd = train_student(csv_dataset, tiny_vit, "clip", two_caches[0], steps=1, out=tmp_path / "clip", **TRAIN_FAST)
+    assert no_kd["teachers"] is None  # given a cache, the clip preset learns from the data alone
 
 
 @pytest.mark.parametrize("args, message", [
