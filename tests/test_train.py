@@ -297,14 +297,18 @@ def _same_data(a, b) -> bool:
     return a == b
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, teacher_cache, tiny_vit_patch_dropout):
+@pytest.mark.parametrize("teachers", [1, 2], ids=["one-teacher", "two-teachers"])
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, csv_dataset, teacher_cache, wide_teacher_cache,
+                                         tiny_vit_patch_dropout, teachers):
     """7 steps straight vs interrupted after the step-4 checkpoint (mid-epoch: 3 steps per
     epoch; mid log window: records every 3 steps) and resumed with DataLoader workers, for a
-    student that draws from torch's RNG at every step (patch dropout): identical weights,
-    loss state, optimizer, RNG states and log records."""
+    student that draws from torch's RNG at every step (patch dropout), from one cache or an
+    ensemble of two: identical weights, loss state (every teacher's heads and scales),
+    optimizer, RNG states and log records."""
     import rdkd.stages.train_student as stage
 
     tiny_vit = tiny_vit_patch_dropout
+    teacher_cache = [str(teacher_cache), str(wide_teacher_cache)][:teachers]
 
     args = dict(steps=7, save_every=2, **{**FAST, "lr": 1e-3, "log_every": 3})
     straight = tmp_path / "straight"
